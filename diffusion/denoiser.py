@@ -1,0 +1,68 @@
+"""A trained network as a :data:`diffusion.targets.Denoiser`: target resolution, guidance and clipping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from diffusion.schedules import NoiseSchedule
+from diffusion.targets import Denoiser, Prediction, Target, eps_from_x0, to_x0_eps
+
+# net(x_t, t, labels) -> output, (B, C or 2C, H, W); labels (B,) int64 or None
+Network = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+def network_denoiser(
+    net: Network,
+    schedule: NoiseSchedule,
+    *,
+    target: Target,
+    learned_variance: bool,
+    clip_x0: bool,
+    labels: Tensor | None = None,
+    guidance: float = 1.0,
+    null_label: int | None = None,
+) -> Denoiser:
+    """Wraps ``net`` so that it returns a :class:`Prediction`.
+
+    Args:
+        target: what the network predicts; resolved into (x_0, eps) by :func:`diffusion.targets.to_x0_eps`.
+        learned_variance: the network's second C channels are the variance interpolation v in [-1, 1].
+        clip_x0: clamp the predicted x_0 to the data range [-1, 1] and recompute eps from it (Ho et al. 2020 clip
+            the predicted x_0 when sampling images); leave off for data that is not bounded.
+        labels: class labels, ``(B,)``, for a class-conditional network; ``None`` for an unconditional one.
+        guidance: classifier-free guidance scale w (Ho & Salimans 2022, eq. 6 written as
+            out = out_null + w (out_label - out_null)): 1 is the plain conditional model, 0 the unconditional one,
+            larger values trade diversity for fidelity. The conditional and null passes run as one batch. Since
+            every target is affine in the output, guiding the output guides x_0 and eps alike.
+        null_label: the label the network was trained with for "no class" (needed when guidance != 1).
+    """
+    if guidance != 1.0 and labels is None:
+        raise ValueError("classifier-free guidance needs class labels: pass labels, or set guidance to 1")
+    if guidance != 1.0 and null_label is None:
+        raise ValueError("classifier-free guidance needs the null label of a model trained with label dropout")
+
+    def denoise(x_t: Tensor, t: Tensor) -> Prediction:
+        if labels is not None and guidance != 1.0:
+            null = torch.full_like(labels, null_label)
+            both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
+            with_label, without = both.chunk(2)
+            output = without + guidance * (with_label - without)
+            if learned_variance:  # the variance comes from the conditional pass, as in GLIDE (Nichol et al. 2022)
+                output = torch.cat([output[:, : x_t.shape[1]], with_label[:, x_t.shape[1] :]], dim=1)
+        else:
+            output = net(x_t, t, labels)
+        var_frac = None
+        if learned_variance:
+            output, v = output.chunk(2, dim=1)
+            var_frac = (v.to(x_t.dtype) + 1.0) / 2.0
+        output = output.to(x_t.dtype)  # an autocast network may answer in bf16; the sampler's state keeps its dtype
+        x0, eps = to_x0_eps(schedule, target, output, x_t, t)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = eps_from_x0(schedule, x_t, t, x0)
+        return Prediction(x0=x0, eps=eps, var_frac=var_frac)
+
+    return denoise

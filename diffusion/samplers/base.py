@@ -1,0 +1,73 @@
+"""What every sampler shares: the step it yields, the respaced schedule it walks, and its noise."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffusion.schedules import NoiseSchedule, Spacing, spaced_timesteps
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    """One step of a sampler: the network timestep ``t`` it evaluated, the state ``x`` it moved to, and the clean
+    image ``x0_pred`` the network predicted on the way (both ``(B, C, H, W)``). The last step's ``x`` is the
+    sample. Collecting ``x`` or ``x0_pred`` over the steps gives the frames of a reverse-process GIF."""
+
+    t: int
+    x: Tensor
+    x0_pred: Tensor
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A respaced schedule as plain float64 numbers, for samplers whose step coefficients are scalars.
+
+    Row i of every list belongs to the i-th chosen timestep, increasing; ``t[i]`` is the network timestep.
+    """
+
+    t: list[int]
+    alpha_bar: list[float]
+
+    @classmethod
+    def of(cls, schedule: NoiseSchedule) -> Grid:
+        return cls(schedule.timesteps.tolist(), schedule.alphas_cumprod.tolist())
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def a(self, i: int) -> float:
+        """sqrt(alpha_bar) at row i; row -1 is the clean data, alpha_bar = 1."""
+        return 1.0 if i < 0 else self.alpha_bar[i] ** 0.5
+
+    def s(self, i: int) -> float:
+        """sqrt(1 - alpha_bar) at row i; 0 at row -1."""
+        return 0.0 if i < 0 else (1.0 - self.alpha_bar[i]) ** 0.5
+
+
+def respaced(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> NoiseSchedule:
+    """The schedule a sampler walks: ``steps`` of ``schedule``'s timesteps, chosen by ``spacing``."""
+    return schedule.respace(spaced_timesteps(schedule, steps, spacing))
+
+
+def timestep_batch(t: int, x: Tensor) -> Tensor:
+    """The network timestep ``t`` repeated for each image of ``x``: ``(B,)`` int64 on x's device."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn from ``generator`` (on x's device) for reproducibility."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def final(steps: Iterable[SamplerStep]) -> Tensor:
+    """Runs a sampler to the end and returns the sample."""
+    last = None
+    for step in steps:
+        last = step
+    if last is None:
+        raise ValueError("the sampler took no steps")
+    return last.x

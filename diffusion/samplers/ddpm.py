@@ -1,0 +1,41 @@
+"""Ancestral sampling of DDPM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from diffusion.reverse import Variance, p_mean_variance
+from diffusion.samplers.base import SamplerStep, noise_like, respaced, timestep_batch
+from diffusion.schedules import NoiseSchedule, Spacing
+from diffusion.targets import Denoiser
+
+
+def ddpm_sample(
+    denoise: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    steps: int,
+    spacing: Spacing,
+    variance: Variance | None,
+    generator: torch.Generator | None = None,
+) -> Iterator[SamplerStep]:
+    """Ho et al. 2020, Algorithm 2, on ``steps`` respaced timesteps (Nichol & Dhariwal 2021, §4).
+
+    ``variance`` picks sigma_t^2 (see :func:`diffusion.reverse.p_mean_variance`); ``None`` takes the model's learned
+    variance when it has one and beta otherwise. One network evaluation per step; computes in x_T's dtype.
+    """
+    schedule = respaced(schedule, steps, spacing)
+    timesteps = schedule.timesteps.tolist()
+    x = x_T
+    for i in reversed(range(len(schedule))):
+        row = timestep_batch(i, x)
+        prediction = denoise(x, timestep_batch(timesteps[i], x))
+        chosen = variance or ("learned" if prediction.var_frac is not None else "beta")
+        mean, log_variance = p_mean_variance(schedule, prediction, x, row, chosen)
+        # line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step
+        x = mean + torch.exp(0.5 * log_variance) * noise_like(x, generator) if i > 0 else mean
+        yield SamplerStep(timesteps[i], x, prediction.x0)

@@ -1,0 +1,261 @@
+"""The UNet of DDPM (Ho et al. 2020, Appendix B) with the options of improved DDPM (Nichol & Dhariwal 2021).
+
+A PixelCNN++-style encoder-decoder: wide-ResNet blocks with GroupNorm, SiLU and dropout, a sinusoidal timestep
+embedding fed through an MLP into every block, self-attention at chosen resolutions, skip connections from every
+encoder block to the decoder. Options: the timestep enters a block by addition (DDPM) or as a scale and shift of
+its second GroupNorm (improved DDPM's "AdaGN"); several attention heads; twice the output channels when the
+variance is learned; class labels, with one extra "null" label for classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, ``(B,) -> (B, dim)``: [sin(t w_i), cos(t w_i)] with
+    w_i = 10000^(-i / (dim/2 - 1)), as in DDPM's ``get_timestep_embedding`` (Vaswani et al. 2017, §3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups as in DDPM, or the largest divisor of ``channels`` below 32."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zeroes a layer's parameters, so that a residual branch starts as the identity (DDPM's ``init_scale=0``)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv3x3, + timestep embedding, GroupNorm, SiLU, dropout, conv3x3, plus a 1x1 skip when the
+    channel count changes. With ``scale_shift`` the embedding gives (scale, shift) and the second norm becomes
+    GN(h) (1 + scale) + shift (Nichol & Dhariwal 2021, §3; "AdaGN" in Dhariwal & Nichol 2021)."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, scale_shift: bool) -> None:
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb(F.silu(emb))[:, :, None, None]  # (B, C or 2C, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        else:
+            h = F.silu(self.norm2(h + e))
+        return self.skip(x) + self.conv2(self.dropout(h))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection, through
+    ``scaled_dot_product_attention`` (flash or memory-efficient kernels where the device has them)."""
+
+    def __init__(self, channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """3x3 convolution with stride 2 (DDPM's ``resamp_with_conv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour doubling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.ModuleList):
+    """Layers applied in order; ResBlocks also receive the embedding."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+def valid_image_sizes_near(size: int, factor: int) -> list[int]:
+    """The image sizes divisible by ``factor`` closest to ``size`` (one below, if any, and one above)."""
+    below = size // factor * factor
+    return [s for s in (below, below + factor) if s >= factor]
+
+
+class UNet(nn.Module):
+    """The denoising network eps_theta(x_t, t[, y]) (or whichever target it is trained for).
+
+    Args:
+        image_size: height and width of the (square) images; must be divisible by 2^(levels - 1).
+        in_channels: 1 (grayscale) or 3 (RGB).
+        base_channels: channels at the first level ("ch" in DDPM).
+        channel_mult: channels of each level as multiples of ``base_channels``; one entry per level.
+        num_res_blocks: ResBlocks per level in the encoder (the decoder has one more, as in DDPM).
+        attention_resolutions: feature-map sizes (in pixels) at which blocks are followed by self-attention.
+        num_heads: attention heads.
+        dropout: dropout probability inside ResBlocks.
+        num_classes: number of class labels for a conditional model (label ``num_classes`` means "no label");
+            ``None`` for an unconditional one.
+        learned_variance: output 2 x in_channels channels (the target, then the variance interpolation).
+        scale_shift: condition each block by scale and shift of its norm instead of by addition.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        in_channels: int,
+        base_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        num_heads: int,
+        dropout: float,
+        num_classes: int | None,
+        learned_variance: bool,
+        scale_shift: bool,
+    ) -> None:
+        super().__init__()
+        channel_mult = list(channel_mult)
+        self._check_arguments(image_size, in_channels, base_channels, channel_mult, attention_resolutions, num_heads)
+        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        self.out_channels = in_channels * (2 if learned_variance else 1)
+        emb_dim = 4 * base_channels
+
+        self.base_channels = base_channels
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def block(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, dropout, scale_shift)
+
+        def stage(layers: list[nn.Module], resolution: int, channels: int) -> Stage:
+            if resolution in attention_resolutions:
+                layers.append(Attention(channels, num_heads))
+            return Stage(layers)
+
+        self.down = nn.ModuleList()
+        skips, ch, res = [base_channels], base_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(stage([block(ch, base_channels * mult)], res, base_channels * mult))
+                ch = base_channels * mult
+                skips.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(Stage([Downsample(ch)]))
+                skips.append(ch)
+                res //= 2
+
+        self.middle = Stage([block(ch, ch), Attention(ch, num_heads), block(ch, ch)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = stage([block(ch + skips.pop(), base_channels * mult)], res, base_channels * mult)
+                ch = base_channels * mult
+                if level > 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    res *= 2
+                self.up.append(layers)
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+
+    @staticmethod
+    def _check_arguments(
+        image_size: int,
+        in_channels: int,
+        base_channels: int,
+        channel_mult: list[int],
+        attention_resolutions: Sequence[int],
+        num_heads: int,
+    ) -> None:
+        if in_channels not in (1, 3):
+            raise ValueError(f"the UNet takes 1 (grayscale) or 3 (RGB) image channels, got in_channels={in_channels}")
+        if not channel_mult:
+            raise ValueError("channel_mult needs at least one level")
+        factor = 2 ** (len(channel_mult) - 1)
+        if image_size < factor or image_size % factor:
+            raise ValueError(
+                f"image_size={image_size} does not fit a UNet with {len(channel_mult)} levels "
+                f"(channel_mult={channel_mult}): the size must be a multiple of 2^{len(channel_mult) - 1} = {factor}. "
+                f"Sizes that work near it: {valid_image_sizes_near(image_size, factor)}; or use fewer levels."
+            )
+        resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+        unknown = sorted(set(attention_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(
+                f"attention_resolutions {unknown} are not feature-map sizes of this UNet; for image_size={image_size} "
+                f"and {len(channel_mult)} levels they are {resolutions}"
+            )
+        for mult in channel_mult:
+            if (base_channels * mult) % num_heads:
+                raise ValueError(f"num_heads={num_heads} must divide every level's channels ({base_channels * mult})")
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """x: ``(B, C, H, W)``; t: ``(B,)`` timesteps; labels: ``(B,)`` int64 for a conditional model (the value
+        ``num_classes`` for "no label"). Returns ``(B, out_channels, H, W)``."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"the UNet expects images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"expected one timestep per image, shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if (labels is None) != (self.label_embed is None):
+            raise ValueError(
+                "this UNet is class-conditional and needs labels"
+                if labels is None
+                else "this UNet is unconditional (model.num_classes is not set) and takes no labels"
+            )
+        emb = self.time_embed(timestep_embedding(t, self.base_channels))  # (B, 4 ch)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(labels)
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, emb)
+            skips.append(h)
+        h = self.middle(h, emb)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
