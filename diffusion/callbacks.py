@@ -1,0 +1,162 @@
+"""Callbacks: the EMA of the weights, sample grids and GIFs, and the stop on a non-finite loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from diffusion.errors import RunError
+from diffusion.module import DiffusionModule, Sampler
+from diffusion.writers import grid_image, write_gif, write_grid
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's ``EMAWeightAveraging``, with two additions.
+
+    - The averaged copy lives on the training device: Lightning calls callback ``setup`` before it moves the model,
+      so the parent would keep the copy on the CPU and copy every parameter there after each GPU step.
+    - ``averaged_module`` exposes the averaged model, so that samples can be drawn from it at any step.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._device is None:
+            self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+    @property
+    def averaged_module(self) -> LightningModule | None:
+        """The module holding the averaged weights (outside validation, during which the two are swapped)."""
+        return None if self._average_model is None else self._average_model.module
+
+
+def sampling_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+    """The EMA weights when an :class:`EMA` callback runs, else the trained weights."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EMA) and callback.averaged_module is not None:
+            return callback.averaged_module
+    return pl_module
+
+
+class SampleGrid(Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training, draws ``num_images`` samples from fixed
+    noise with the EMA weights and writes ``samples/step_NNNNNNN.png`` (a grid) and ``.gif`` (the reverse process of
+    the first ``gif_images``, noise dissolving into images), and logs the grid to TensorBoard (``samples/grid``).
+
+    Args:
+        sampler: the configured sampler (``configs/sampler``).
+        dirpath: where the files go.
+        every_n_steps: how often; 0 draws only at the end.
+        steps: the sampler's number of steps for these previews; ``None`` keeps the sampler's own.
+        num_images: images in the grid.
+        gif_images: images in the GIF (the first of the grid).
+        gif_frames: frames of the GIF.
+        guidance: classifier-free guidance scale for a class-conditional model (labels cycle through the classes).
+        seed: seeds the fixed noise, so that successive grids show the same samples improving.
+    """
+
+    def __init__(
+        self,
+        *,
+        sampler: Sampler,
+        dirpath: str,
+        every_n_steps: int,
+        steps: int | None,
+        num_images: int,
+        gif_images: int,
+        gif_frames: int,
+        guidance: float,
+        seed: int,
+    ) -> None:
+        self.sampler, self.dirpath = sampler, Path(dirpath)
+        self.every_n_steps, self.steps, self.num_images = every_n_steps, steps, num_images
+        self.gif_images, self.gif_frames, self.guidance, self.seed = gif_images, gif_frames, guidance, seed
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.draw(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.draw(trainer, pl_module)
+
+    def draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Samples on rank zero only; the other ranks carry on until the next collective."""
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        module = sampling_module(trainer, pl_module)
+        assert isinstance(module, DiffusionModule)
+        unet = module.unet
+        g = torch.Generator().manual_seed(self.seed)
+        x_T = torch.randn(self.num_images, unet.in_channels, unet.image_size, unet.image_size, generator=g)
+        x_T = x_T.to(module.device)
+        labels = None
+        if module.conditional:
+            labels = torch.arange(self.num_images, device=module.device) % unet.num_classes
+        device_generator = torch.Generator(device=module.device).manual_seed(self.seed)
+        options = {} if self.steps is None else {"steps": self.steps}
+        with trainer.precision_plugin.forward_context():
+            images, frames = module.sample(
+                self.sampler,
+                x_T,
+                labels=labels,
+                guidance=self.guidance if labels is not None else 1.0,
+                generator=device_generator,
+                frames=self.gif_frames,
+                frame_images=self.gif_images,
+                **options,
+            )
+        stem = self.dirpath / f"step_{trainer.global_step:07d}"
+        write_grid(images.cpu(), stem.with_suffix(".png"))
+        write_gif(frames, stem.with_suffix(".gif"))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(
+                    "samples/grid", grid_image(images.cpu()), trainer.global_step, dataformats="HWC"
+                )
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops training with a message when the loss becomes NaN or infinite, before any checkpoint holds the damage.
+
+    The check reads the loss on the host only every ``trainer.log_every_n_steps`` steps (when Lightning syncs to log
+    anyway) and before every checkpoint is written, so it adds no synchronisation to the other steps. A NaN step
+    between two checks therefore never reaches a checkpoint: the last one written holds good weights.
+    """
+
+    def __init__(self) -> None:
+        self._bad: torch.Tensor | None = None
+        self._checked_step = 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        bad = ~torch.isfinite(loss.detach())
+        self._bad = bad if self._bad is None else self._bad | bad
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: Trainer) -> None:
+        bad = self._bad is not None and bool(self._bad.item())
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+            raise RunError(
+                f"training stopped: the loss became NaN or infinite between steps {self._checked_step} and "
+                f"{trainer.global_step}; nothing after step {self._checked_step} was saved and {kept}. Usual causes: "
+                f"a learning rate too high (optimizer.lr), float16 overflow (try trainer.precision=bf16-mixed or "
+                f"32-true), or no gradient clipping (trainer.gradient_clip_val). Fix the setting and resume with "
+                f"ckpt_path=<checkpoint>."
+            )
+        self._checked_step = trainer.global_step

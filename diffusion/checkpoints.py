@@ -1,0 +1,85 @@
+"""Reading checkpoints safely, and finding the one to resume from.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a file that
+carries pickled code is refused before any of it runs. The training side saves nothing else (its hyperparameters
+are plain dicts).
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion.errors import RunError
+
+HPARAM_KEYS = ("model", "diffusion", "optimizer", "data")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``, checked to be one of this project's; :class:`RunError` with the reason if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(
+            f"no checkpoint at {path}: the file does not exist. Check the path (runs keep theirs in "
+            f"outputs/DATE/TIME/checkpoints/last.ckpt)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise RunError(
+            f"refusing to load {path}: it holds Python objects other than tensors and plain containers "
+            f"({str(error).splitlines()[0][:200]}), so it may carry code; none of it was run. Only load checkpoints "
+            f"written by this project's train.py, or re-save the weights you trust as plain tensors."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise RunError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]}): it "
+            f"is truncated, corrupt or not a PyTorch file. Use another checkpoint, e.g. an earlier one from the same "
+            f"checkpoints/ folder."
+        ) from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if (
+        not isinstance(hparams, dict)
+        or not all(key in hparams for key in HPARAM_KEYS)
+        or "state_dict" not in checkpoint
+    ):
+        raise RunError(
+            f"{path} is a PyTorch file but not a checkpoint of this project's diffusion models (it lacks the "
+            f"state_dict and the hyperparameters {', '.join(HPARAM_KEYS)}); use a checkpoint written by train.py"
+        )
+    return checkpoint
+
+
+def find_last_checkpoint(run_dir: Path, runs_root: Path) -> Path:
+    """``run_dir/checkpoints/last.ckpt`` if it exists, else the newest ``last.ckpt`` of any run under ``runs_root``."""
+    own = run_dir / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return own
+    candidates = [p for p in runs_root.glob("**/checkpoints/last.ckpt") if p.is_file()] if runs_root.is_dir() else []
+    if not candidates:
+        raise RunError(
+            f"resume=true found no checkpoints/last.ckpt in {run_dir} nor in any run under {runs_root}; "
+            f"give the checkpoint with ckpt_path=PATH"
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def check_resumable(checkpoint: dict[str, Any], hparams: dict[str, Any], path: Path) -> None:
+    """Refuses to resume a run whose model, diffusion process or image format differ from the checkpoint's."""
+    saved = checkpoint["hyper_parameters"]
+    keys = [("model", k) for k in hparams["model"] if k != "compile"]
+    keys += [("diffusion", k) for k in hparams["diffusion"]] + [("data", k) for k in ("image_size", "channels")]
+    changed = [
+        f"{group}.{key}: {saved[group].get(key)!r} -> {hparams[group].get(key)!r}"
+        for group, key in keys
+        if saved[group].get(key) != hparams[group].get(key)
+    ]
+    if changed:
+        raise RunError(
+            f"cannot resume from {path}: it was trained with other settings ({'; '.join(changed)}). Resume with the "
+            f"checkpoint's settings (its run's .hydra/config.yaml), or start a new run without ckpt_path."
+        )

@@ -1,0 +1,177 @@
+"""The LightningDataModule: train/validation/test splits of a dataset, served as uint8 batches that become
+[-1, 1] floats (and are flipped, when asked) on the training device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from diffusion.datasets import (
+    ImageFolder,
+    ImageTensors,
+    check_readable,
+    fit_images,
+    load_cifar10,
+    load_digits,
+    load_fashion,
+    load_mnist,
+    scan_image_folder,
+)
+from diffusion.errors import RunError
+from diffusion.images import to_model_range
+from diffusion.loaders import ResumableLoader, ShardedBatchSampler, device_loader, worker_loader
+
+DatasetName = Literal["digits", "mnist", "fashion", "cifar", "folder"]
+NAMED = {"digits": load_digits, "mnist": load_mnist, "fashion": load_fashion, "cifar": load_cifar10}
+
+
+class DiffusionDataModule(LightningDataModule):
+    """Serves ``(images uint8 (B, C, H, W), labels (B,))`` batches; ``on_after_batch_transfer`` turns them into
+    ``(x0 float32 in [-1, 1], labels)`` on the device.
+
+    Args (``configs/dataset/*.yaml`` and ``configs/train.yaml``):
+        name: digits, mnist, fashion, cifar or folder.
+        root: where the dataset's files are (or are downloaded to); for ``folder``, the folder of images.
+        image_size, channels: what every image is resized and converted to.
+        num_classes: the dataset's class count (``None`` for a folder: it is read from the sub-folders).
+        labels_from_subfolders: for ``folder``, take class labels from the sub-folder names.
+        batch_size: images per batch on each device (the global batch is batch_size x devices x nodes).
+        val_fraction: the part of the training images held out for validation.
+        hflip: random horizontal flips of training images, done on the device.
+        on_device: hold the whole split as one uint8 tensor on the training device (no loader workers).
+        num_workers, pin_memory, persistent_workers: DataLoader settings when not ``on_device``.
+        download: download a missing named dataset (torchvision).
+        seed: seeds the validation split and the shuffling order (with the epoch).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: DatasetName,
+        root: str,
+        image_size: int,
+        channels: int,
+        num_classes: int | None,
+        labels_from_subfolders: bool,
+        batch_size: int,
+        val_fraction: float,
+        hflip: bool,
+        on_device: bool,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        download: bool,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        if name not in (*NAMED, "folder"):
+            raise RunError(f"unknown dataset {name!r}; choose one of {', '.join([*NAMED, 'folder'])}")
+        if channels not in (1, 3):
+            raise RunError(f"dataset.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if not 0.0 < val_fraction < 1.0:
+            raise RunError(f"dataset.val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+        self.name, self.root = name, Path(root)
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.labels_from_subfolders = labels_from_subfolders
+        self.batch_size, self.val_fraction, self.hflip = batch_size, val_fraction, hflip
+        self.on_device, self.download, self.seed = on_device, download, seed
+        self.loader_options = dict(
+            num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers
+        )
+        self.splits: dict[str, ImageTensors | ImageFolder] = {}
+        self.classes: list[str] = []
+        self._on_device: dict[str, ImageTensors] = {}
+
+    def prepare_data(self) -> None:
+        """Downloads a missing named dataset (Lightning calls this on one process per node)."""
+        if self.name in NAMED and self.name != "digits" and self.download:
+            NAMED[self.name](self.root, True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.name == "folder":
+            files, labels, self.classes = scan_image_folder(self.root, self.labels_from_subfolders)
+            keep = set(check_readable(files))
+            labels = [label for path, label in zip(files, labels, strict=True) if path in keep]
+            full: ImageTensors | ImageFolder = ImageFolder(sorted(keep), labels, self.image_size, self.channels)
+            if self.on_device:
+                full = full.to_tensors(self.classes)
+            test = None
+        else:
+            full, test = NAMED[self.name]() if self.name == "digits" else NAMED[self.name](self.root, self.download)
+            self.classes = full.classes
+            full = ImageTensors(fit_images(full.images, self.image_size, self.channels), full.labels, full.classes)
+            if test is not None:
+                test = ImageTensors(fit_images(test.images, self.image_size, self.channels), test.labels, test.classes)
+        if self.num_classes is not None and self.num_classes != len(self.classes):
+            raise RunError(
+                f"dataset.num_classes is {self.num_classes} but {self.name} has {len(self.classes)} classes; "
+                f"set dataset.num_classes={len(self.classes)}"
+            )
+        self.num_classes = len(self.classes)
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
+        n_val = max(1, round(self.val_fraction * len(full)))
+        self.splits = {"train": _subset(full, order[n_val:]), "val": _subset(full, order[:n_val])}
+        self.splits["test"] = test if test is not None else self.splits["val"]
+
+    def _loader(self, split: str, *, shuffle: bool, drop_last: bool) -> ResumableLoader:
+        data = self.splits[split]
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ShardedBatchSampler(
+            len(data),
+            self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
+        if isinstance(data, ImageTensors):
+            if self.on_device:
+                device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+                if split not in self._on_device:
+                    self._on_device[split] = ImageTensors(data.images.to(device), data.labels.to(device), data.classes)
+                data = self._on_device[split]
+                return device_loader(data.images, data.labels, sampler)
+            data = TensorDataset(data.images, data.labels)
+        return worker_loader(data, sampler, **self.loader_options)
+
+    def train_dataloader(self) -> ResumableLoader:
+        try:
+            return self._loader("train", shuffle=True, drop_last=True)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+
+    def val_dataloader(self) -> ResumableLoader:
+        return self._loader("val", shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> ResumableLoader:
+        return self._loader("test", shuffle=False, drop_last=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """uint8 -> [-1, 1] on the device; random horizontal flips of training batches when ``hflip``."""
+        images, labels = batch
+        x0 = to_model_range(images)
+        if self.hflip and self.trainer is not None and self.trainer.training:
+            x0 = random_hflip(x0)
+        return x0, labels
+
+
+def random_hflip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flips each image left-right with probability 1/2, in one batched operation on x's device."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def _subset(data: ImageTensors | ImageFolder, index: Tensor) -> ImageTensors | ImageFolder:
+    if isinstance(data, ImageTensors):
+        return data.subset(index)
+    idx = index.tolist()
+    return ImageFolder([data.files[i] for i in idx], [data.labels[i] for i in idx], data.image_size, data.channels)

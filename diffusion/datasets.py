@@ -1,0 +1,214 @@
+"""The image datasets, read as uint8 tensors in their files' own formats.
+
+Every named dataset is small enough to hold as one ``(N, C, H, W)`` uint8 tensor. The torchvision classes download
+them when online; reading goes through the formats themselves (IDX files for MNIST and Fashion-MNIST, the
+``cifar-10-batches-py`` pickles for CIFAR-10) so that a copy placed by hand works too. A folder of images is read
+lazily, one decoded file at a time, by :class:`ImageFolder`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from diffusion.errors import RunError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+
+
+@dataclass
+class ImageTensors:
+    """Images ``(N, C, H, W)`` uint8 with labels ``(N,)`` int64 and the class names."""
+
+    images: Tensor
+    labels: Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: Tensor) -> ImageTensors:
+        return ImageTensors(self.images[index], self.labels[index], self.classes)
+
+
+def fit_images(images: Tensor, image_size: int, channels: int) -> Tensor:
+    """Resizes ``(N, C, H, W)`` uint8 images to ``image_size`` (antialiased bilinear) and converts them to
+    ``channels`` channels (grayscale repeated to RGB, or RGB to luma)."""
+    if images.shape[1] != channels:
+        images = images.repeat(1, 3, 1, 1) if channels == 3 else v2.functional.rgb_to_grayscale(images)
+    if images.shape[-2:] != (image_size, image_size):
+        images = v2.functional.resize(images, [image_size, image_size], antialias=True)
+    return images.contiguous()
+
+
+def load_digits() -> tuple[ImageTensors, None]:
+    """scikit-learn's 1,797 handwritten digits, 8x8 with 17 gray levels, scaled to uint8. No test split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    return ImageTensors(images, torch.from_numpy(digits.target).long(), [str(d) for d in range(10)]), None
+
+
+def _mnist_like(kind: str, root: Path, download: bool) -> tuple[ImageTensors, ImageTensors]:
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion": torchvision.datasets.FashionMNIST}[kind]
+    raw = root / cls.__name__ / "raw"
+    if kind == "fashion" and not (raw / MNIST_FILES[0]).exists() and DEBIAN_FASHION_MNIST.is_dir():
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in MNIST_FILES:  # Debian ships the gzipped IDX files; torchvision reads them unpacked
+            with gzip.open(DEBIAN_FASHION_MNIST / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    try:
+        sets = [cls(str(root), train=train, download=download) for train in (True, False)]
+    except RuntimeError as error:
+        hint = " (or install Debian's dataset-fashion-mnist package)" if kind == "fashion" else ""
+        raise RunError(
+            f"{cls.__name__} is not in {raw} and "
+            f"{'could not be downloaded' if download else 'dataset.download is false'}"
+            f" ({str(error).splitlines()[0]}). Place the four IDX files {', '.join(MNIST_FILES)} (unpacked) in "
+            f"{raw}/{hint}, or run once with internet access and dataset.download=true."
+        ) from None
+    return tuple(ImageTensors(s.data[:, None].contiguous(), s.targets.long(), list(s.classes)) for s in sets)
+
+
+def load_mnist(root: Path, download: bool) -> tuple[ImageTensors, ImageTensors]:
+    return _mnist_like("mnist", root, download)
+
+
+def load_fashion(root: Path, download: bool) -> tuple[ImageTensors, ImageTensors]:
+    """Fashion-MNIST; taken from Debian's ``dataset-fashion-mnist`` package when it is installed."""
+    return _mnist_like("fashion", root, download)
+
+
+def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")  # the format is a Python pickle, as torchvision reads it
+    images = torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+    return images, torch.tensor(entry["labels"], dtype=torch.long)
+
+
+def load_cifar10(root: Path, download: bool) -> tuple[ImageTensors, ImageTensors]:
+    """CIFAR-10 from ``root/cifar-10-batches-py`` (the python version's pickles)."""
+    folder = root / "cifar-10-batches-py"
+    if not all((folder / name).exists() for name in CIFAR_FILES):
+        if download:
+            try:
+                torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+            except Exception as error:  # urllib errors differ by platform; any failure here means "no data"
+                download_error = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise RunError(_cifar_missing(folder, f"could not be downloaded ({download_error})")) from None
+        else:
+            raise RunError(_cifar_missing(folder, "dataset.download is false"))
+    meta = folder / "batches.meta"
+    classes = None
+    if meta.exists():
+        with open(meta, "rb") as f:
+            classes = pickle.load(f, encoding="latin1")["label_names"]
+    train = [_read_cifar_batch(folder / name) for name in CIFAR_FILES[:5]]
+    test = _read_cifar_batch(folder / CIFAR_FILES[5])
+    names = classes or [str(i) for i in range(10)]
+    return (
+        ImageTensors(torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train]), names),
+        ImageTensors(test[0], test[1], names),
+    )
+
+
+def _cifar_missing(folder: Path, why: str) -> str:
+    return (
+        f"CIFAR-10 is not in {folder} and {why}. Extract cifar-10-python.tar.gz so that {folder} holds "
+        f"{', '.join(CIFAR_FILES)} and batches.meta, or run once with internet access and dataset.download=true."
+    )
+
+
+def scan_image_folder(root: Path, labels_from_subfolders: bool) -> tuple[list[Path], list[int], list[str]]:
+    """All image files below ``root`` (PNG, JPEG, WebP; sorted), their labels and the class names. With
+    ``labels_from_subfolders`` the class of an image is the first folder below ``root`` it lies in."""
+    if not root.is_dir():
+        raise RunError(
+            f"the image folder {root} does not exist or is not a folder; set dataset.root to a folder of images"
+        )
+    try:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    except PermissionError as error:
+        raise RunError(f"the image folder {root} cannot be read ({error}); check its permissions") from None
+    if not files:
+        raise RunError(
+            f"the image folder {root} holds no images: it looks for files ending in {', '.join(IMAGE_EXTENSIONS)} "
+            f"(in any sub-folder). Put images there or point dataset.root at another folder."
+        )
+    if not labels_from_subfolders:
+        return files, [0] * len(files), ["images"]
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    loose = [p for p in files if len(p.relative_to(root).parts) == 1]
+    if not classes or loose:
+        raise RunError(
+            f"dataset.labels_from_subfolders is true, but {len(loose)} image(s) in {root} lie outside any sub-folder "
+            f"(e.g. {loose[0].name if loose else '-'}) or there are no sub-folders. Put each class in its own "
+            f"sub-folder, or set dataset.labels_from_subfolders=false."
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    return files, [index[p.relative_to(root).parts[0]] for p in files], classes
+
+
+def check_readable(files: list[Path]) -> list[Path]:
+    """The files whose image header PIL can read; raises when none can be read, warns about the rest."""
+    readable, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018  (opening reads only the header)
+            readable.append(path)
+        except (OSError, UnidentifiedImageError) as error:
+            bad.append((path, error))
+    if not readable:
+        path, error = bad[0]
+        raise RunError(
+            f"none of the {len(files)} image files under {path.parent} could be read (e.g. {path}: {error}). "
+            f"Check that they are intact PNG, JPEG or WebP images."
+        )
+    if bad:
+        warnings.warn(f"skipping {len(bad)} unreadable image file(s), e.g. {bad[0][0]}: {bad[0][1]}", stacklevel=2)
+    return readable
+
+
+class ImageFolder(Dataset):
+    """Images from files, decoded on access: resized (shorter side) and centre-cropped to ``image_size``,
+    converted to grayscale (``channels=1``) or RGB. Items are ``(uint8 (C, H, W), label)``."""
+
+    def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int) -> None:
+        self.files, self.labels = files, labels
+        self.image_size, self.channels = image_size, channels
+        self.mode = "L" if channels == 1 else "RGB"
+        self.transform = v2.Compose(
+            [v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        try:
+            with Image.open(self.files[i]) as image:
+                return self.transform(image.convert(self.mode)), self.labels[i]
+        except (OSError, UnidentifiedImageError) as error:
+            raise RunError(f"could not decode the image {self.files[i]} ({error}); remove or replace it") from None
+
+    def to_tensors(self, classes: list[str]) -> ImageTensors:
+        """Decodes every image once, for a dataset held in memory."""
+        images = torch.stack([self[i][0] for i in range(len(self))])
+        return ImageTensors(images, torch.tensor(self.labels, dtype=torch.long), classes)

@@ -1,0 +1,130 @@
+"""Batches in a seeded, sharded, resumable order, served from device memory or by DataLoader workers.
+
+Lightning saves the ``state_dict`` of a sized train loader in every checkpoint and restores it on resume (it does
+not prefetch from sized loaders, so the count of batches handed out is exactly the count trained on). With the
+order a function of (seed, epoch), that count is the whole state: a resumed run continues with the very next batch
+of the same epoch, neither repeating nor skipping any (unlike restarting the epoch, or skipping batches by reading
+them). Sharding over ranks is done here, so Lightning's own sampler replacement is switched off
+(``trainer.use_distributed_sampler=false``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Batches of this rank's share of a per-epoch permutation of ``range(n)``.
+
+    The permutation and the split across ranks are ``DistributedSampler``'s (seeded by seed + epoch); the sampler
+    can start a pass at a given batch (``start``) for resuming mid-epoch. Lightning calls ``set_epoch``.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, rank: int, world_size: int
+    ) -> None:
+        if n < world_size or (drop_last and n // world_size < batch_size):
+            raise ValueError(
+                f"{n} images cannot fill a batch of {batch_size} on each of {world_size} process(es); "
+                f"lower dataset.batch_size or use more images"
+            )
+        self.shard = DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.start = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.shard.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shard.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        share = len(self.shard)
+        return share // self.batch_size if self.drop_last else math.ceil(share / self.batch_size)
+
+    def epoch_indices(self) -> Tensor:
+        """This rank's indices for the current epoch, cut to whole batches when ``drop_last``: ``(len * B,)``."""
+        indices = torch.tensor(list(self.shard), dtype=torch.long)
+        return indices[: len(self) * self.batch_size] if self.drop_last else indices
+
+    def take_start(self) -> int:
+        """The batch this pass starts at; later passes start at 0."""
+        start, self.start = self.start, 0
+        return start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = self.epoch_indices().tolist()
+        for b in range(self.take_start(), len(self)):
+            yield indices[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+class DeviceBatches:
+    """Batches gathered from ``(N, C, H, W)`` uint8 images and labels held on the training device: one index
+    transfer per epoch, then slicing and gathering on the device, with no Python per sample."""
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_sampler: ShardedBatchSampler) -> None:
+        self.images, self.labels, self.batch_sampler = images, labels, batch_sampler
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.batch_sampler.epoch_indices().to(self.images.device, non_blocking=True)
+        size = self.batch_sampler.batch_size
+        for b in range(self.batch_sampler.take_start(), len(self.batch_sampler)):
+            index = order[b * size : (b + 1) * size]
+            yield self.images[index], self.labels[index]
+
+
+class ResumableLoader:
+    """A sized iterable of batches from ``source`` (a :class:`DeviceBatches` or a ``DataLoader`` driven by the same
+    :class:`ShardedBatchSampler`), with the ``state_dict``/``load_state_dict`` that Lightning checkpoints."""
+
+    def __init__(self, source: Iterable, batch_sampler: ShardedBatchSampler) -> None:
+        self.source, self.batch_sampler = source, batch_sampler
+        self.served = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.served = self.batch_sampler.start
+        for batch in self.source:
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.set_epoch(state["epoch"])
+        self.batch_sampler.start = state["served"]
+
+
+def worker_loader(
+    dataset: Dataset,
+    batch_sampler: ShardedBatchSampler,
+    *,
+    num_workers: int,
+    pin_memory: bool,
+    persistent_workers: bool,
+) -> ResumableLoader:
+    """Batches decoded by ``num_workers`` DataLoader workers, in the sampler's order."""
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )
+    return ResumableLoader(loader, batch_sampler)
+
+
+def device_loader(images: Tensor, labels: Tensor, batch_sampler: ShardedBatchSampler) -> ResumableLoader:
+    return ResumableLoader(DeviceBatches(images, labels, batch_sampler), batch_sampler)

@@ -1,0 +1,249 @@
+"""The LightningModule: the UNet and the noise schedule of the diffusion core, trained with its losses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from diffusion.denoiser import network_denoiser
+from diffusion.errors import RunError
+from diffusion.images import to_uint8
+from diffusion.losses import training_losses
+from diffusion.samplers import SamplerStep
+from diffusion.schedules import NoiseSchedule, make_betas
+from diffusion.targets import Denoiser
+from diffusion.unet import UNet
+
+# sampler(denoise, schedule, x_T, generator=...) -> steps: a configs/sampler/*.yaml after hydra.utils.instantiate
+Sampler = Callable[..., Iterable[SamplerStep]]
+
+
+class DiffusionModule(LightningModule):
+    """Trains ``UNet`` on the objective of ``configs/diffusion/*.yaml``. Every argument is a plain dict saved with
+    ``save_hyperparameters``, so a checkpoint alone rebuilds the model: ``DiffusionModule(**ckpt["hyper_parameters"])``.
+
+    Args:
+        model: the UNet's settings (``configs/model``), plus ``compile``.
+        diffusion: timesteps, schedule, target, loss, min_snr_gamma, learned_variance, vlb_weight, label_dropout,
+            clip_x0 (``configs/diffusion``).
+        optimizer: AdamW and learning-rate schedule settings (``configs/optimizer``).
+        data: the dataset's settings (``configs/dataset``); image_size and channels shape the UNet, the rest lets
+            ``sample.py`` find the training and test images again.
+    """
+
+    def __init__(self, *, model: dict, diffusion: dict, optimizer: dict, data: dict) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        net = {k: v for k, v in model.items() if k != "compile"}
+        self.unet = UNet(
+            image_size=data["image_size"],
+            in_channels=data["channels"],
+            learned_variance=diffusion["learned_variance"],
+            **net,
+        )
+        self.schedule = NoiseSchedule(make_betas(diffusion["schedule"], diffusion["timesteps"]))
+        self.diffusion, self.optimizer_settings = dict(diffusion), dict(optimizer)
+        self.quartile_loss = nn.ModuleList(MeanMetric() for _ in range(4))
+
+    # ------------------------------------------------------------------ the model as a function
+    @property
+    def conditional(self) -> bool:
+        return self.unet.num_classes is not None
+
+    def network(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        return self.unet(x_t, t, labels)
+
+    def denoiser(self, *, labels: Tensor | None = None, guidance: float = 1.0) -> Denoiser:
+        """The network as a :data:`Denoiser` for the samplers (classifier-free guidance when ``guidance`` != 1)."""
+        if labels is None and self.conditional:
+            raise RunError("this model is class-conditional: give the class labels to sample")
+        if labels is not None and not self.conditional:
+            raise RunError("this model was trained without class labels, so it cannot sample given labels")
+        return network_denoiser(
+            self.network,
+            self.schedule,
+            target=self.diffusion["target"],
+            learned_variance=self.diffusion["learned_variance"],
+            clip_x0=self.diffusion["clip_x0"],
+            labels=labels,
+            guidance=guidance,
+            null_label=self.unet.num_classes,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        sampler: Sampler,
+        x_T: Tensor,
+        *,
+        labels: Tensor | None = None,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+        frames: int = 0,
+        frame_images: int = 0,
+        **sampler_options: Any,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Runs ``sampler`` from ``x_T`` ``(B, C, H, W)``; returns the images as uint8 and, when ``frames`` > 0, at
+        most that many states x_t of the first ``frame_images`` images, evenly spread over the steps, as uint8
+        (the frames of a reverse-process GIF, the last one being the final image). Used by the training callbacks
+        and by ``sample.py`` alike."""
+        was_training = self.training
+        self.eval()
+        try:
+            kept: list[Tensor] = []
+            stride, last = 1, None
+            for i, step in enumerate(
+                sampler(
+                    self.denoiser(labels=labels, guidance=guidance),
+                    self.schedule,
+                    x_T,
+                    generator=generator,
+                    **sampler_options,
+                )
+            ):
+                last = step
+                if frames and i % stride == 0:
+                    kept.append(to_uint8(step.x[:frame_images]).cpu())
+                    if len(kept) >= 2 * frames:  # keep memory bounded: drop every other frame, sample half as often
+                        kept, stride = kept[::2], stride * 2
+            if last is None:
+                raise RunError("the sampler took no steps")
+            if frames:
+                final = to_uint8(last.x[:frame_images]).cpu()
+                pick = torch.linspace(0, len(kept) - 1, min(frames - 1, len(kept))).round().long().unique()
+                kept = [kept[i] for i in pick.tolist()] + [final]
+            return to_uint8(last.x), kept
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not self.conditional:
+            return
+        if datamodule.num_classes != self.unet.num_classes:
+            raise RunError(
+                f"model.num_classes is {self.unet.num_classes} but the dataset has {datamodule.num_classes} classes; "
+                f"set model.num_classes={datamodule.num_classes} (or null for an unconditional model)"
+            )
+
+    def _losses(self, x0: Tensor, labels: Tensor, t: Tensor, noise: Tensor, drop: Tensor | None) -> dict[str, Tensor]:
+        x_t = self.schedule.q_sample(x0, t, noise)
+        if self.conditional:
+            if drop is not None:  # classifier-free guidance: train the null label too (Ho & Salimans 2022, Alg. 1)
+                labels = torch.where(drop, torch.full_like(labels, self.unet.num_classes), labels)
+        else:
+            labels = None
+        return training_losses(
+            self.schedule,
+            self.network(x_t, t, labels),
+            x0,
+            x_t,
+            t,
+            noise,
+            target=self.diffusion["target"],
+            loss=self.diffusion["loss"],
+            learned_variance=self.diffusion["learned_variance"],
+            vlb_weight=self.diffusion["vlb_weight"],
+            min_snr_gamma=self.diffusion["min_snr_gamma"],
+        )
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        T = len(self.schedule)
+        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+        drop = torch.rand(x0.shape[0], device=x0.device) < self.diffusion["label_dropout"] if self.conditional else None
+        terms = self._losses(x0, labels, t, torch.randn_like(x0), drop)
+        loss = terms["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        if "vb" in terms:
+            self.log("train/vb", terms["vb"].mean())
+        # the loss by timestep quartile, as improved-diffusion logs it: which noise levels the model still gets wrong
+        quartile = t * 4 // T
+        for q, metric in enumerate(self.quartile_loss):
+            metric.update(terms["loss"].detach(), weight=(quartile == q).to(terms["loss"].dtype))
+            self.log(f"train/loss_q{q}", metric, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """The training loss on held-out images, with timesteps and noise fixed per batch, so that values from one
+        validation to the next differ only through the model."""
+        x0, labels = batch
+        g = torch.Generator(device=x0.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
+        t = torch.randint(0, len(self.schedule), (x0.shape[0],), device=x0.device, generator=g)
+        noise = torch.randn(x0.shape, device=x0.device, generator=g)
+        loss = self._losses(x0, labels, t, noise, None)["loss"].mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (fused on CPU and CUDA), with linear warm-up then a constant or cosine learning rate."""
+        s = self.optimizer_settings
+        optimizer = torch.optim.AdamW(
+            self.parameters(),
+            lr=s["lr"],
+            betas=tuple(s["betas"]),
+            eps=s["eps"],
+            weight_decay=s["weight_decay"],
+            fused=self.device.type in ("cuda", "cpu"),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, schedule, floor = s["warmup_steps"], s["schedule"], s["min_lr_ratio"]
+        if schedule not in ("constant", "cosine"):
+            raise RunError(f"optimizer.schedule must be constant or cosine, got {schedule!r}")
+
+        def factor(step: int) -> float:
+            ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            if schedule == "constant":
+                return ramp
+            progress = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+            return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
+
+    # ------------------------------------------------------------------ exact resumption
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stores every process's random-number generators (CPU, and CUDA when used): all the randomness of a training
+        step (timesteps, noise, label dropout, flips, dropout) comes from them, so a resumed run draws what the
+        uninterrupted one would have."""
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        gathered = {}
+        for name, state in states.items():
+            if self.trainer.world_size > 1:
+                every = self.all_gather(state.to(self.device)).cpu()  # (world, n)
+                gathered[name] = list(every.unbind(0))
+            else:
+                gathered[name] = [state]
+        checkpoint["rng_states"] = gathered
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if len(states["cpu"]) != world:
+            rank_zero_warn(
+                f"the checkpoint holds random-number states of {len(states['cpu'])} processes, this run has {world}: "
+                "training continues exactly (model, EMA, optimizer, step) but draws fresh random numbers"
+            )
+            return
+        torch.set_rng_state(states["cpu"][rank].to(torch.uint8))
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8), self.trainer.strategy.root_device)

@@ -1,0 +1,93 @@
+"""Every option of every config group composes and builds what it describes."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, Trainer
+
+from diffusion.data import DiffusionDataModule
+from diffusion.module import DiffusionModule
+from tests.helpers import CONFIGS, compose_config
+from train import hyperparameters
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def build(cfg):
+    hparams = hyperparameters(cfg)
+    return DiffusionModule(**hparams), DiffusionDataModule(**hparams["data"], seed=cfg.seed)
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_options(option, tmp_path):
+    module, _ = build(compose_config("train", [f"model={option}", "dataset=cifar"], tmp_path))
+    assert module.unet(torch.zeros(1, 3, 32, 32), torch.tensor([10])).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("option", options("diffusion"))
+def test_diffusion_options(option, tmp_path):
+    module, _ = build(compose_config("train", [f"diffusion={option}"], tmp_path))
+    batch = (torch.rand(4, 1, 16, 16) * 2 - 1, torch.zeros(4, dtype=torch.long))
+    assert torch.isfinite(
+        module._losses(*batch, torch.tensor([0, 10, 500, 999]), torch.randn(4, 1, 16, 16), None)["loss"]
+    ).all()
+
+
+@pytest.mark.parametrize("option", options("dataset"))
+def test_dataset_options(option, tmp_path):
+    extra = [f"dataset.root={tmp_path}"] if option == "folder" else []
+    _, datamodule = build(compose_config("train", [f"dataset={option}", *extra], tmp_path))
+    assert datamodule.name == option
+
+
+@pytest.mark.parametrize("option", options("sampler"))
+def test_sampler_options(option, tmp_path):
+    cfg = compose_config("train", [f"sampler={option}"], tmp_path)
+    sampler = instantiate(cfg.sampler)
+    assert {"steps", "spacing"} <= set(sampler.keywords) and callable(sampler)
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options_are_trainer_arguments(option, tmp_path):
+    cfg = compose_config("train", [f"trainer={option}"], tmp_path)
+    accepted = set(inspect.signature(Trainer.__init__).parameters)
+    assert set(cfg.trainer) - {"_target_"} <= accepted
+    if cfg.trainer.accelerator in ("cpu", "auto"):  # the GPU presets need a GPU to be built
+        assert isinstance(instantiate(cfg.trainer, logger=False, enable_checkpointing=False), Trainer)
+
+
+def test_callback_and_logger_options(tmp_path):
+    cfg = compose_config("train", [], tmp_path)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    assert len(callbacks) == 6 and all(isinstance(c, Callback) for c in callbacks)
+    assert [type(instantiate(c)).__name__ for c in cfg.logger.values()] == ["TensorBoardLogger"]
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_options(option, tmp_path):
+    extra = [f"dataset.root={tmp_path}"] if option == "folder" else []
+    cfg = compose_config("train", [f"experiment={option}", *extra], tmp_path)
+    module, datamodule = build(cfg)
+    assert module.unet.image_size == datamodule.image_size
+
+
+def test_the_paper_preset_is_the_paper_setup(tmp_path):
+    cfg = compose_config("train", ["experiment=ddpm_cifar10"], tmp_path)
+    module, datamodule = build(cfg)
+    assert sum(p.numel() for p in module.unet.parameters()) == pytest.approx(35.7e6, rel=0.01)
+    assert (cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.target) == ("linear", 1000, "eps")
+    assert (cfg.optimizer.lr, cfg.dataset.batch_size, cfg.callbacks.ema.decay) == (2e-4, 128, 0.9999)
+    assert datamodule.hflip and cfg.model.dropout == 0.1
+
+
+def test_every_default_lives_in_the_yaml(tmp_path):
+    """Constructors of the configured classes take no defaults of their own (style: one place per default)."""
+    for cls in (DiffusionModule, DiffusionDataModule):
+        params = inspect.signature(cls.__init__).parameters.values()
+        assert all(p.default is inspect.Parameter.empty for p in params if p.name != "self"), cls

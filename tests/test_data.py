@@ -1,0 +1,162 @@
+"""Datasets read from their on-disk formats, and the DataModule's splits and batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion.data import DiffusionDataModule, random_hflip
+from diffusion.datasets import (
+    ImageFolder,
+    fit_images,
+    load_cifar10,
+    load_digits,
+    load_fashion,
+    load_mnist,
+    scan_image_folder,
+)
+from diffusion.errors import RunError
+from tests.helpers import write_cifar, write_image_folder, write_mnist
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def datamodule(**overrides):
+    settings = dict(
+        name="digits",
+        root="data",
+        image_size=16,
+        channels=1,
+        num_classes=10,
+        labels_from_subfolders=False,
+        batch_size=32,
+        val_fraction=0.1,
+        hflip=False,
+        on_device=True,
+        num_workers=0,
+        pin_memory=False,
+        persistent_workers=False,
+        download=False,
+        seed=0,
+    )
+    settings.update(overrides)
+    return DiffusionDataModule(**settings)
+
+
+def test_digits_are_the_embedded_sklearn_set():
+    train, test = load_digits()
+    assert train.images.shape == (1797, 1, 8, 8) and train.images.dtype == torch.uint8
+    assert train.images.max() == 255 and test is None and sorted(set(train.labels.tolist())) == list(range(10))
+
+
+def test_mnist_is_read_pixel_for_pixel_from_idx_files(tmp_path):
+    written = write_mnist(tmp_path)
+    train, test = load_mnist(tmp_path, download=False)
+    assert torch.equal(train.images[:, 0], torch.from_numpy(written))
+    assert len(test) == 32 and train.labels.dtype == torch.long
+
+
+def test_cifar_is_read_pixel_for_pixel_from_the_pickles(tmp_path):
+    first = write_cifar(tmp_path, per_batch=10)
+    train, test = load_cifar10(tmp_path, download=False)
+    assert train.images.shape == (50, 3, 32, 32) and len(test) == 10
+    assert torch.equal(train.images[:10], torch.from_numpy(first))
+    assert train.classes[0] == "airplane"
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_comes_from_the_debian_package(tmp_path):
+    train, test = load_fashion(tmp_path, download=False)
+    assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
+    assert train.classes[0] == "T-shirt/top"
+
+
+def test_images_are_resized_and_converted():
+    gray = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    rgb = fit_images(gray, 16, 3)
+    assert rgb.shape == (4, 3, 16, 16) and torch.equal(rgb[:, 0], rgb[:, 2])
+    back = fit_images(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), 32, 1)
+    assert back.shape == (2, 1, 32, 32)
+
+
+def test_a_folder_of_mixed_images_becomes_uniform_tensors_with_labels(tmp_path):
+    write_image_folder(tmp_path, {"a": 5, "b": 6})
+    files, labels, classes = scan_image_folder(tmp_path, labels_from_subfolders=True)
+    assert classes == ["a", "b"] and labels.count(1) == 6 and {f.suffix for f in files} >= {".png", ".jpg", ".webp"}
+    for channels in (1, 3):
+        folder = ImageFolder(files, labels, 24, channels)
+        shapes = {tuple(folder[i][0].shape) for i in range(len(folder))}
+        assert shapes == {(channels, 24, 24)} and folder[0][0].dtype == torch.uint8
+
+
+def test_folder_labels_need_sub_folders(tmp_path):
+    write_image_folder(tmp_path / "x", {"a": 2})
+    (tmp_path / "loose.png").write_bytes((tmp_path / "x" / "a" / "img0.png").read_bytes())
+    with pytest.raises(RunError, match="outside any sub-folder"):
+        scan_image_folder(tmp_path, labels_from_subfolders=True)
+    with pytest.raises(RunError, match="does not exist"):
+        scan_image_folder(tmp_path / "missing", labels_from_subfolders=False)
+
+
+def test_unreadable_files_in_a_folder_are_skipped_with_a_warning(tmp_path):
+    write_image_folder(tmp_path, {"a": 3})
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
+    dm = datamodule(name="folder", root=str(tmp_path), num_classes=None, on_device=True, val_fraction=0.25)
+    with pytest.warns(UserWarning, match="skipping 1 unreadable"):
+        dm.setup("fit")
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 3
+
+
+def test_splits_are_disjoint_seeded_and_the_test_split_is_kept(tmp_path):
+    dm = datamodule()
+    dm.setup("fit")
+    train, val = dm.splits["train"], dm.splits["val"]
+    assert len(train) + len(val) == 1797 and len(val) == 180
+    assert train.images.shape[1:] == (1, 16, 16)
+    again = datamodule()
+    again.setup("fit")
+    assert torch.equal(again.splits["val"].images, val.images)
+    other = datamodule(seed=1)
+    other.setup("fit")
+    assert not torch.equal(other.splits["val"].images, val.images)
+    write_mnist(tmp_path)
+    mnist = datamodule(name="mnist", root=str(tmp_path), image_size=28)
+    mnist.setup("fit")
+    assert len(mnist.splits["test"]) == 32  # the official test split, kept for evaluation
+
+
+def test_batches_become_model_range_floats_and_flips_mirror_whole_images():
+    dm = datamodule(batch_size=8)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    x0, same_labels = dm.on_after_batch_transfer((images, labels), 0)
+    assert x0.dtype == torch.float32 and x0.min() >= -1 and x0.max() <= 1 and torch.equal(labels, same_labels)
+    flipped = random_hflip(x0, torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(f, x.flip(-1)) and not torch.equal(f, x) for f, x in zip(flipped, x0, strict=True)]
+    kept = [torch.equal(f, x) for f, x in zip(flipped, x0, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True)) and any(mirrored) and any(kept)
+
+
+def test_flips_apply_to_training_batches_only():
+    class FakeTrainer:
+        training = False
+
+    dm = datamodule(hflip=True)
+    dm.trainer = FakeTrainer()
+    x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    assert torch.equal(dm.on_after_batch_transfer((x, torch.zeros(64)), 0)[0], x.float() / 127.5 - 1)
+    FakeTrainer.training = True
+    out = dm.on_after_batch_transfer((x, torch.zeros(64)), 0)[0]
+    assert 10 < sum(torch.equal(o, (x[0].float() / 127.5 - 1).flip(-1)) for o in out) < 54
+
+
+def test_bad_dataset_settings_are_refused():
+    with pytest.raises(RunError, match="unknown dataset 'imagenet'"):
+        datamodule(name="imagenet")
+    with pytest.raises(RunError, match=r"1 \(grayscale\) or 3"):
+        datamodule(channels=2)
+    dm = datamodule(num_classes=7)
+    with pytest.raises(RunError, match=r"set dataset\.num_classes=10"):
+        dm.setup("fit")

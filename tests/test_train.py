@@ -1,0 +1,275 @@
+"""Integration tests of train.py: real runs of a few steps with the tiny model, on every dataset kind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffusion.errors import RunError
+from tests.helpers import ROOT, compose_config, load_state, run_script, write_cifar, write_image_folder, write_mnist
+from train import train
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_train(run_dir: Path, *overrides: str) -> dict[str, float]:
+    return train(compose_config("train", ["debug=smoke", *overrides], run_dir))
+
+
+def test_default_digits_run_writes_checkpoints_samples_and_tensorboard(tmp_path):
+    run = tmp_path / "run"
+    # batch 256: an epoch is 6 steps, so the epoch-level quartile losses are logged too
+    metrics = run_train(run, "dataset.batch_size=256", "trainer.max_steps=8", "trainer.val_check_interval=4")
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert {p.name for p in (run / "checkpoints").glob("step_*.ckpt")} >= {"step_0000004.ckpt", "step_0000008.ckpt"}
+    assert (run / "samples" / "step_0000008.png").is_file() and (run / "samples" / "step_0000008.gif").is_file()
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "val/loss"} | {f"train/loss_q{q}" for q in range(4)}
+    assert expected <= scalars, expected - scalars
+    assert "samples/grid" in images
+    assert (run / "tensorboard" / "hparams.yaml").is_file()
+    checkpoint = load_state(run / "checkpoints" / "last.ckpt")  # weights_only: plain containers throughout
+    assert checkpoint["global_step"] == 8 and set(checkpoint["hyper_parameters"]) == {
+        "model",
+        "diffusion",
+        "optimizer",
+        "data",
+    }
+
+
+def test_mnist_from_idx_files(tmp_path):
+    write_mnist(tmp_path / "data")
+    run = tmp_path / "run"
+    run_train(
+        run, "dataset=mnist", f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "dataset.batch_size=16"
+    )
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_cifar_from_python_pickles(tmp_path):
+    write_cifar(tmp_path / "data")
+    run = tmp_path / "run"
+    run_train(
+        run, "dataset=cifar", f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "dataset.batch_size=16"
+    )
+    state = load_state(run / "checkpoints" / "last.ckpt")
+    assert state["hyper_parameters"]["data"]["channels"] == 3
+
+
+def test_folder_of_mixed_images_with_class_labels(tmp_path):
+    write_image_folder(tmp_path / "images", {"cats": 12, "dogs": 12})
+    run = tmp_path / "run"
+    run_train(
+        run,
+        "dataset=folder",
+        f"dataset.root={tmp_path / 'images'}",
+        "dataset.image_size=32",
+        "dataset.batch_size=8",
+        "dataset.num_workers=0",
+        "dataset.labels_from_subfolders=true",
+        "model.num_classes=2",
+    )
+    assert (run / "samples" / "step_0000004.png").is_file()
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist(tmp_path):
+    run = tmp_path / "run"
+    run_train(run, "dataset=fashion", f"dataset.root={tmp_path / 'data'}", "dataset.download=false")
+    assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").stat().st_size == 47040016
+
+
+def test_resume_continues_exactly(tmp_path):
+    """4 steps, stop, resume to 8 == 8 steps straight: model, EMA, optimizer, LR, RNG and data position resume.
+    Batch 48 puts the stop in the middle of an epoch (35 batches of the 1,707 training digits)."""
+    common = ["dataset.batch_size=48", "callbacks.model_checkpoint.every_n_train_steps=4", "~callbacks.samples"]
+    straight = tmp_path / "straight"
+    run_train(straight, *common, "trainer.max_steps=8")
+    stopped = tmp_path / "stopped"
+    run_train(stopped, *common, "trainer.max_steps=4")
+    resumed = tmp_path / "resumed"
+    run_train(resumed, *common, "trainer.max_steps=8", f"ckpt_path={stopped / 'checkpoints' / 'last.ckpt'}")
+    a, b = load_state(straight / "checkpoints" / "last.ckpt"), load_state(resumed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 8
+    for key in ("state_dict", "current_model_state"):  # the EMA and the raw weights
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 8
+
+
+def test_resume_true_finds_the_newest_last_checkpoint(tmp_path):
+    first = tmp_path / "outputs" / "a"
+    run_train(first, "~callbacks.samples", f"paths.log_dir={tmp_path / 'outputs'}")
+    second = tmp_path / "outputs" / "b"
+    run_train(
+        second, "~callbacks.samples", "resume=true", "trainer.max_steps=6", f"paths.log_dir={tmp_path / 'outputs'}"
+    )
+    assert load_state(second / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_ddp_share_one_run_directory(tmp_path):
+    run = tmp_path / "run"
+    result = run_script(
+        "train.py", "debug=smoke", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run}", timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    state = load_state(run / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 4 and len(state["rng_states"]["cpu"]) == 2  # one RNG state per process
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank zero alone writes
+    assert len(list(tmp_path.iterdir())) == 1  # no second run directory
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_a_setting(tmp_path):
+    result = run_script(
+        "train.py",
+        "-m",
+        "debug=smoke",
+        "~callbacks.samples",
+        "diffusion.schedule=linear,cosine",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
+    schedules = {
+        load_state(tmp_path / "sweep" / j / "checkpoints" / "last.ckpt")["hyper_parameters"]["diffusion"]["schedule"]
+        for j in "01"
+    }
+    assert schedules == {"linear", "cosine"}
+
+
+def test_help_lists_the_config_groups():
+    result = run_script("train.py", "--help")
+    for group in ("dataset", "model", "diffusion", "sampler", "trainer", "callbacks", "logger", "experiment"):
+        assert f"{group}:" in result.stdout
+    assert "digits, fashion, folder" in result.stdout or "cifar, digits, fashion, folder, mnist" in result.stdout
+
+
+# ---------------------------------------------------------------- bad input: one-paragraph messages
+
+
+def assert_one_paragraph_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-2000:]
+
+
+def test_unknown_dataset_lists_the_valid_ones(tmp_path):
+    result = run_script("train.py", "dataset=imagenet", f"hydra.run.dir={tmp_path}")
+    assert "dataset" in result.stderr and "digits" in result.stderr and "cifar" in result.stderr
+
+
+def test_a_missing_checkpoint_stops_with_a_message(tmp_path):
+    result = run_script(
+        "train.py", "debug=smoke", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}"
+    )
+    assert_one_paragraph_error(result, "error: no checkpoint at", "nope.ckpt")
+
+
+def test_an_image_size_the_model_cannot_take(tmp_path):
+    with pytest.raises(ValueError, match=r"image_size=28 does not fit .* near it: \[24, 32\]"):
+        run_train(tmp_path / "run", "model=small", "dataset.image_size=28")
+
+
+def test_a_corrupt_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with pytest.raises(RunError, match="not a readable checkpoint"):
+        run_train(tmp_path / "run", f"ckpt_path={bad}")
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    run_train(tmp_path / "first", "~callbacks.samples")
+    with pytest.raises(RunError, match=r"trained with other settings \(model.base_channels: 32 -> 16"):
+        run_train(
+            tmp_path / "second", "model.base_channels=16", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}"
+        )
+
+
+def test_an_empty_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match=r"holds no images: it looks for files ending in \.png"):
+        run_train(tmp_path / "run", "dataset=folder", f"dataset.root={tmp_path / 'empty'}", "dataset.num_workers=0")
+
+
+def test_an_unreadable_folder_is_refused(tmp_path):
+    (tmp_path / "broken").mkdir()
+    for i in range(3):
+        (tmp_path / "broken" / f"x{i}.png").write_bytes(b"not a png")
+    with pytest.raises(RunError, match=r"none of the 3 image files .* could be read"):
+        run_train(tmp_path / "run", "dataset=folder", f"dataset.root={tmp_path / 'broken'}", "dataset.num_workers=0")
+
+
+def test_offline_without_the_data_says_where_to_put_it(tmp_path):
+    with pytest.raises(RunError, match=r"MNIST is not in .*MNIST/raw .* Place the four IDX files"):
+        run_train(tmp_path / "run", "dataset=mnist", f"dataset.root={tmp_path / 'data'}", "dataset.download=false")
+    with pytest.raises(RunError, match=r"CIFAR-10 is not in .*cifar-10-batches-py"):
+        run_train(tmp_path / "run2", "dataset=cifar", f"dataset.root={tmp_path / 'data'}", "dataset.download=false")
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A learning rate of 1e12 blows the weights up within a few steps; the run stops with a message, and the
+    last checkpoint on disk holds finite weights."""
+    run = tmp_path / "run"
+    result = run_script(
+        "train.py",
+        "debug=smoke",
+        "~callbacks.samples",
+        "optimizer.lr=1e12",
+        "optimizer.warmup_steps=0",
+        "trainer.gradient_clip_val=null",
+        "trainer.max_steps=40",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "trainer.log_every_n_steps=5",
+        f"hydra.run.dir={run}",
+    )
+    assert_one_paragraph_error(
+        result, "error: training stopped: the loss became NaN or infinite", "last good checkpoint"
+    )
+    state = load_state(run / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(v).all() for v in state["current_model_state"].values())
+    assert state["global_step"] < 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_an_interrupted_run_keeps_a_loadable_last_checkpoint(tmp_path, how):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "~callbacks.samples",
+            "trainer.max_steps=100000",
+            "callbacks.model_checkpoint.every_n_train_steps=5",
+            "dataset.batch_size=16",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step_0000010.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.7)  # land somewhere inside later saves
+    process.send_signal(how)
+    process.wait(timeout=60)
+    state = load_state(run / "checkpoints" / "last.ckpt")
+    assert state["global_step"] >= 10 and state["global_step"] % 5 == 0
+    assert not list((run / "checkpoints").glob("*.tmp*"))
