@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from diffusion.errors import RunError
+from diffusion.evaluation import ImageMetrics
 from diffusion.module import DiffusionModule, Sampler
 from diffusion.writers import grid_image, write_gif, write_grid
 
@@ -160,3 +161,77 @@ class NonFiniteLossGuard(Callback):
                 f"ckpt_path=<checkpoint>."
             )
         self._checked_step = trainer.global_step
+
+
+class FIDMonitor(Callback):
+    """FID and KID during training, every ``every_n_epochs`` epochs (0: off), logged as ``val/fid`` and ``val/kid``.
+
+    ``num_samples`` images are drawn with the EMA weights and a fast sampler, each process drawing its share; the real
+    features of ``reference_images`` training images are computed once, also shared out; torchmetrics reduces the
+    states over the processes. (Computing a large FID on rank zero alone is what makes multi-GPU runs time out.)
+
+    Args:
+        sampler: a configured sampler (``configs/sampler``); ``steps`` overrides its number of steps.
+        feature: Inception-v3 feature size, or an ``nn.Module`` (see :class:`diffusion.evaluation.ImageMetrics`).
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_epochs: int,
+        sampler: Sampler,
+        steps: int | None,
+        num_samples: int,
+        reference_images: int,
+        batch_size: int,
+        feature: Any,
+        kid_subset_size: int,
+        seed: int,
+    ) -> None:
+        self.every_n_epochs, self.sampler, self.steps = every_n_epochs, sampler, steps
+        self.num_samples, self.reference_images, self.batch_size = num_samples, reference_images, batch_size
+        self.feature, self.kid_subset_size, self.seed = feature, kid_subset_size, seed
+        self.metrics: ImageMetrics | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.every_n_epochs:
+            return
+        data = trainer.datamodule.splits["train"]
+        if not hasattr(data, "images"):
+            raise RunError("callbacks.fid needs the training images in memory: set dataset.on_device=true")
+        reference = min(self.reference_images, len(data))
+        subset = min(self.kid_subset_size, reference, self.num_samples)
+        self.metrics = ImageMetrics(self.feature, kid_subset_size=max(2, subset)).to(pl_module.device)
+        share = torch.arange(trainer.global_rank, reference, trainer.world_size)
+        with torch.inference_mode():
+            for start in range(0, len(share), self.batch_size):
+                index = share[start : start + self.batch_size]
+                self.metrics.update(data.images[index].to(pl_module.device), real=True)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        """Runs after the last batch of every ``every_n_epochs``-th epoch. Not in ``on_train_epoch_end``: there,
+        Lightning's progress bar (on rank zero only) first reduces the epoch's logged metrics across processes,
+        while the other ranks would already be in this callback's collectives."""
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready == trainer.num_training_batches
+        if self.metrics is None or not last_batch or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        module = sampling_module(trainer, pl_module)
+        assert isinstance(module, DiffusionModule)
+        unet, device = module.unet, pl_module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = len(range(rank, self.num_samples, world))
+        options = {} if self.steps is None else {"steps": self.steps}
+        for b, start in enumerate(range(0, mine, self.batch_size)):
+            size = min(self.batch_size, mine - start)
+            g = torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * rank + b)
+            x_T = torch.randn(size, unet.in_channels, unet.image_size, unet.image_size, generator=g, device=device)
+            labels = (
+                torch.randint(0, unet.num_classes, (size,), generator=g, device=device) if module.conditional else None
+            )
+            with torch.inference_mode(), trainer.precision_plugin.forward_context():
+                images, _ = module.sample(self.sampler, x_T, labels=labels, generator=g, **options)
+            self.metrics.update(images, real=False)
+        values = self.metrics.compute()  # a collective: every process takes part
+        self.metrics.reset_fake()
+        pl_module.log("val/fid", values["fid"], sync_dist=False)
+        pl_module.log("val/kid", values["kid"], sync_dist=False)

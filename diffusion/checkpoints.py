@@ -8,6 +8,7 @@ are plain dicts).
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,17 +31,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found is None:  # not a forbidden object but bytes that are no pickle at all
+            raise RunError(_unreadable(path, "not a PyTorch file")) from None
         raise RunError(
-            f"refusing to load {path}: it holds Python objects other than tensors and plain containers "
-            f"({str(error).splitlines()[0][:200]}), so it may carry code; none of it was run. Only load checkpoints "
+            f"refusing to load {path}: it holds a Python object other than tensors and plain containers "
+            f"({found.group(1).rstrip('.')}), which can carry code; none of it was run. Only load checkpoints "
             f"written by this project's train.py, or re-save the weights you trust as plain tensors."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise RunError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]}): it "
-            f"is truncated, corrupt or not a PyTorch file. Use another checkpoint, e.g. an earlier one from the same "
-            f"checkpoints/ folder."
-        ) from None
+        raise RunError(_unreadable(path, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if (
         not isinstance(hparams, dict)
@@ -52,6 +52,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"state_dict and the hyperparameters {', '.join(HPARAM_KEYS)}); use a checkpoint written by train.py"
         )
     return checkpoint
+
+
+def _unreadable(path: Path, reason: str) -> str:
+    return (
+        f"{path} is not a readable checkpoint ({reason}): it is truncated, corrupt or not a PyTorch file. Use another "
+        f"checkpoint, e.g. an earlier one from the same checkpoints/ folder."
+    )
 
 
 def find_last_checkpoint(run_dir: Path, runs_root: Path) -> Path:

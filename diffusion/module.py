@@ -88,12 +88,13 @@ class DiffusionModule(LightningModule):
         generator: torch.Generator | None = None,
         frames: int = 0,
         frame_images: int = 0,
+        on_step: Callable[[SamplerStep], None] | None = None,
         **sampler_options: Any,
     ) -> tuple[Tensor, list[Tensor]]:
         """Runs ``sampler`` from ``x_T`` ``(B, C, H, W)``; returns the images as uint8 and, when ``frames`` > 0, at
         most that many states x_t of the first ``frame_images`` images, evenly spread over the steps, as uint8
-        (the frames of a reverse-process GIF, the last one being the final image). Used by the training callbacks
-        and by ``sample.py`` alike."""
+        (the frames of a reverse-process GIF, the last one being the final image). ``on_step`` sees every step (a
+        progress bar). Used by the training callbacks and by ``sample.py`` alike."""
         was_training = self.training
         self.eval()
         try:
@@ -109,6 +110,8 @@ class DiffusionModule(LightningModule):
                 )
             ):
                 last = step
+                if on_step is not None:
+                    on_step(step)
                 if frames and i % stride == 0:
                     kept.append(to_uint8(step.x[:frame_images]).cpu())
                     if len(kept) >= 2 * frames:  # keep memory bounded: drop every other frame, sample half as often

@@ -7,6 +7,7 @@ leaves a half-written file where a good one stood.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -70,4 +71,18 @@ def write_npz(images: Tensor, path: Path, labels: Tensor | None = None) -> Path:
         arrays["labels"] = labels.cpu().numpy()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+    return path
+
+
+def write_images(images: Tensor, folder: Path) -> Path:
+    """One PNG per image: ``folder/000000.png``, ... (``(N, C, H, W)`` uint8)."""
+    for i, image in enumerate(to_nhwc(images.to(torch.uint8)).numpy()):
+        with atomic_path(folder / f"{i:06d}.png") as tmp:
+            iio.imwrite(tmp, image.squeeze(-1) if image.shape[-1] == 1 else image, extension=".png")
+    return folder
+
+
+def write_json(data: dict, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
     return path

@@ -106,3 +106,19 @@ def write_image_folder(root: Path, classes: dict[str, int], seed: int = 0) -> No
 
 def load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class TinyFeatures(torch.nn.Module):
+    """A small, fixed feature network for FID in tests (Inception's weights cannot be downloaded here):
+    uint8 ``(N, 3, H, W)`` -> ``(N, 16)``."""
+
+    num_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("weight", torch.randn(16, 3, 3, 3, generator=generator))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 127.5 - 1
+        return torch.nn.functional.conv2d(x, self.weight, padding=1).relu().mean(dim=(2, 3))

@@ -17,6 +17,7 @@ from tests.helpers import ROOT, compose_config, load_state, run_script, write_ci
 from train import train
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+TINY_FEATURES = "callbacks.fid.feature={_target_:tests.helpers.TinyFeatures}"
 
 
 def run_train(run_dir: Path, *overrides: str) -> dict[str, float]:
@@ -118,10 +119,26 @@ def test_resume_true_finds_the_newest_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_with_ddp_share_one_run_directory(tmp_path):
+def test_two_cpu_processes_with_ddp_share_one_run_directory_and_the_fid(tmp_path):
+    """DDP over two CPU processes (gloo); FID/KID drawn and reduced over both at the end of the first epoch."""
     run = tmp_path / "run"
+    fid = [
+        "callbacks.fid.every_n_epochs=1",
+        "callbacks.fid.num_samples=8",
+        "callbacks.fid.steps=3",
+        "callbacks.fid.batch_size=4",
+        "callbacks.fid.reference_images=40",
+        TINY_FEATURES,
+    ]
     result = run_script(
-        "train.py", "debug=smoke", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run}", timeout=400
+        "train.py",
+        "debug=smoke",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "dataset.batch_size=256",
+        *fid,
+        f"hydra.run.dir={run}",
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
@@ -129,6 +146,9 @@ def test_two_cpu_processes_with_ddp_share_one_run_directory(tmp_path):
     assert state["global_step"] == 4 and len(state["rng_states"]["cpu"]) == 2  # one RNG state per process
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank zero alone writes
     assert len(list(tmp_path.iterdir())) == 1  # no second run directory
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"val/fid", "val/kid"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,99 @@
+"""Evaluation: FID and KID against real images (torchmetrics), and the negative log-likelihood in bits per
+dimension through the variational bound (the evaluation of improved DDPM)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from diffusion.errors import RunError
+from diffusion.losses import prior_bpd, vlb_terms_bpd
+from diffusion.reverse import Variance
+from diffusion.schedules import NoiseSchedule
+from diffusion.targets import Denoiser
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def rgb(images: Tensor) -> Tensor:
+    """Grayscale ``(N, 1, H, W)`` repeated to three channels, as Inception expects; RGB unchanged."""
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+
+
+class ImageMetrics(nn.Module):
+    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) of generated against real uint8 images, sharing one
+    feature network. The real statistics survive :meth:`reset_fake`, so they are computed once per run; in a
+    multi-process run each process adds its share and torchmetrics reduces the states in :meth:`compute`.
+
+    Args:
+        feature: an Inception-v3 feature size (64, 192, 768 or 2048; torch-fidelity's weights), or an ``nn.Module``
+            mapping uint8 ``(N, 3, H, W)`` images to ``(N, D)`` features.
+        kid_subset_size: images per KID subset (at most the number of images of either kind).
+    """
+
+    def __init__(self, feature: int | nn.Module, kid_subset_size: int) -> None:
+        super().__init__()
+        try:
+            self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False)
+        except OSError as error:  # urllib's URLError: the weights could not be fetched
+            raise RunError(
+                f"FID and KID need the Inception-v3 weights of torch-fidelity, which could not be downloaded "
+                f"({error}). On a machine with internet, download {INCEPTION_URL} and put it at "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_FILE} (or under $TORCH_HOME/hub/checkpoints), "
+                f"then run again; or give a feature network of your own with eval.feature. The samples were written."
+            ) from None
+        self.kid = KernelInceptionDistance(
+            feature=self.fid.inception, subset_size=kid_subset_size, reset_real_features=False, normalize=False
+        )
+
+    def update(self, images: Tensor, real: bool) -> None:
+        """images: ``(N, C, H, W)`` uint8."""
+        images = rgb(images)
+        self.fid.update(images, real=real)
+        self.kid.update(images, real=real)
+
+    def compute(self) -> dict[str, float]:
+        kid_mean, kid_std = self.kid.compute()
+        return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+    def reset_fake(self) -> None:
+        self.fid.reset()
+        self.kid.reset()
+
+
+def nll_bits_per_dim(
+    denoise_for: Callable[[Tensor | None], Denoiser],
+    schedule: NoiseSchedule,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    variance: Variance,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """The negative variational bound on log p(x0) in bits per dimension over ``batches`` of ``(x0 in [-1, 1],
+    labels)``: the sum of all T terms and the prior (improved-diffusion's ``calc_bpd_loop``), one network evaluation
+    per term and image. ``denoise_for(labels)`` gives the denoiser for a batch. Returns the mean and its standard
+    error over images, with the prior, decoder (t = 0) and KL parts."""
+    totals, priors, decoders = [], [], []
+    for x0, labels in batches:
+        terms = dict(vlb_terms_bpd(denoise_for(labels), schedule, x0, variance, generator))
+        prior = prior_bpd(schedule, x0)
+        totals.append(torch.stack(list(terms.values())).sum(0) + prior)
+        priors.append(prior)
+        decoders.append(terms[0])
+    if not totals:
+        raise RunError("there were no images to evaluate the likelihood on")
+    total, prior, decoder = torch.cat(totals).double(), torch.cat(priors).double(), torch.cat(decoders).double()
+    return {
+        "nll_bpd": float(total.mean()),
+        "nll_bpd_stderr": float(total.std() / math.sqrt(len(total))) if len(total) > 1 else float("nan"),
+        "prior_bpd": float(prior.mean()),
+        "decoder_bpd": float(decoder.mean()),
+        "kl_bpd": float((total - prior - decoder).mean()),
+        "images": len(total),
+    }
