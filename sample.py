@@ -180,9 +180,10 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     and writes results.json; returns the results."""
     device = pick_device(cfg.device)
     module, hparams = load_model(cfg.ckpt, cfg.ema)
+    module.compile_network, module.channels_last = cfg.compile, cfg.channels_last
+    if cfg.channels_last:
+        module.unet.to(memory_format=torch.channels_last)
     module.to(device).eval()
-    if cfg.compile:
-        module.unet.compile()
     labels = class_labels(cfg, module)
     out = Path(HydraConfig.get().runtime.output_dir)
     images, frames, seconds, nfe = generate(module, cfg, device, labels)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from diffusion.errors import RunError
+from diffusion.module import SPEED_SWITCHES
 
 HPARAM_KEYS = ("model", "diffusion", "optimizer", "data")
 
@@ -78,7 +79,7 @@ def find_last_checkpoint(run_dir: Path, runs_root: Path) -> Path:
 def check_resumable(checkpoint: dict[str, Any], hparams: dict[str, Any], path: Path) -> None:
     """Refuses to resume a run whose model, diffusion process or image format differ from the checkpoint's."""
     saved = checkpoint["hyper_parameters"]
-    keys = [("model", k) for k in hparams["model"] if k != "compile"]
+    keys = [("model", k) for k in hparams["model"] if k not in SPEED_SWITCHES]
     keys += [("diffusion", k) for k in hparams["diffusion"]] + [("data", k) for k in ("image_size", "channels")]
     changed = [
         f"{group}.{key}: {saved[group].get(key)!r} -> {hparams[group].get(key)!r}"

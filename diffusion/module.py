@@ -23,6 +23,7 @@ from diffusion.unet import UNet
 
 # sampler(denoise, schedule, x_T, generator=...) -> steps: a configs/sampler/*.yaml after hydra.utils.instantiate
 Sampler = Callable[..., Iterable[SamplerStep]]
+SPEED_SWITCHES = ("compile", "channels_last")  # model settings that change how fast, not what is computed
 
 
 class DiffusionModule(LightningModule):
@@ -30,7 +31,7 @@ class DiffusionModule(LightningModule):
     ``save_hyperparameters``, so a checkpoint alone rebuilds the model: ``DiffusionModule(**ckpt["hyper_parameters"])``.
 
     Args:
-        model: the UNet's settings (``configs/model``), plus ``compile``.
+        model: the UNet's settings (``configs/model``), plus the speed switches ``compile`` and ``channels_last``.
         diffusion: timesteps, schedule, target, loss, min_snr_gamma, learned_variance, vlb_weight, label_dropout,
             clip_x0 (``configs/diffusion``).
         optimizer: AdamW and learning-rate schedule settings (``configs/optimizer``).
@@ -41,13 +42,16 @@ class DiffusionModule(LightningModule):
     def __init__(self, *, model: dict, diffusion: dict, optimizer: dict, data: dict) -> None:
         super().__init__()
         self.save_hyperparameters()
-        net = {k: v for k, v in model.items() if k != "compile"}
+        net = {k: v for k, v in model.items() if k not in SPEED_SWITCHES}
+        self.compile_network, self.channels_last = model["compile"], model["channels_last"]
         self.unet = UNet(
             image_size=data["image_size"],
             in_channels=data["channels"],
             learned_variance=diffusion["learned_variance"],
             **net,
         )
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.schedule = NoiseSchedule(make_betas(diffusion["schedule"], diffusion["timesteps"]))
         self.diffusion, self.optimizer_settings = dict(diffusion), dict(optimizer)
         self.quartile_loss = nn.ModuleList(MeanMetric() for _ in range(4))
@@ -58,7 +62,23 @@ class DiffusionModule(LightningModule):
         return self.unet.num_classes is not None
 
     def network(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        return self.unet(x_t, t, labels)
+        """The UNet, compiled on first use when ``compile`` is on, with channels-last inputs when asked."""
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        if not self.compile_network:
+            return self.unet(x_t, t, labels)
+        # Kept out of the registered children (no second copy of the weights in state_dict) and out of copies
+        # (__getstate__): a compiled function calls the module it was made from, so the EMA's deep copy, whose
+        # weights differ, must compile its own.
+        compiled = self.__dict__.get("_compiled_unet")
+        if compiled is None:
+            compiled = self.__dict__["_compiled_unet"] = torch.compile(self.unet)
+        return compiled(x_t, t, labels)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled_unet", None)
+        return state
 
     def denoiser(self, *, labels: Tensor | None = None, guidance: float = 1.0) -> Denoiser:
         """The network as a :data:`Denoiser` for the samplers (classifier-free guidance when ``guidance`` != 1)."""
@@ -77,7 +97,7 @@ class DiffusionModule(LightningModule):
             null_label=self.unet.num_classes,
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         sampler: Sampler,
@@ -191,7 +211,7 @@ class DiffusionModule(LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (fused on CPU and CUDA), with linear warm-up then a constant or cosine learning rate."""
+        """AdamW (fused on CPU and CUDA when ``fused``), with linear warm-up then a constant or cosine learning rate."""
         s = self.optimizer_settings
         optimizer = torch.optim.AdamW(
             self.parameters(),
@@ -199,7 +219,7 @@ class DiffusionModule(LightningModule):
             betas=tuple(s["betas"]),
             eps=s["eps"],
             weight_decay=s["weight_decay"],
-            fused=self.device.type in ("cuda", "cpu"),
+            fused=s["fused"] and self.device.type in ("cuda", "cpu"),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup, schedule, floor = s["warmup_steps"], s["schedule"], s["min_lr_ratio"]

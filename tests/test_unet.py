@@ -12,7 +12,6 @@ from diffusion.unet import UNet, timestep_embedding
 def preset(name, **overrides):
     """A UNet built from configs/model/NAME.yaml, as the training application builds it."""
     config = OmegaConf.to_container(OmegaConf.load(f"configs/model/{name}.yaml"))
-    config.pop("compile")
     config.update(overrides)
     config.setdefault("image_size", 32)
     config.setdefault("in_channels", 3)

@@ -1,0 +1,88 @@
+"""What the benchmarks share: pinning, the machine's description, interleaved timing, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the benchmarks run as plain scripts: python benchmarks/NAME.py
+
+
+def setup_device(device: str, threads: int, pin: bool) -> torch.device:
+    """On a CPU: ``threads`` threads, pinned to the first ``threads`` cores when ``pin`` (a shared machine is
+    noisy; one pinned core is the most repeatable measurement)."""
+    if device == "cpu":
+        torch.set_num_threads(threads)
+        if pin and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
+    elif not torch.cuda.is_available():
+        raise SystemExit(f"--device {device} asked for, but PyTorch sees no CUDA device")
+    return torch.device(device)
+
+
+def machine(device: torch.device) -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "threads": str(torch.get_num_threads()), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Seconds per call, each call timed on its own (after the device finished the previous one)."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(
+    cases: dict[str, Callable[[], object]], device: torch.device, rounds: int, per_round: int
+) -> dict[str, float]:
+    """Median seconds per call of each case, measured in rounds A, B, C, A, B, C, ... so that a slow spell of a
+    shared machine lands on every case alike."""
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name] += time_call(fn, device, per_round)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"\nwrote {path}")

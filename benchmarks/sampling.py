@@ -1,0 +1,144 @@
+"""Sampling speed: seconds per network evaluation and images per second, for every sampler.
+
+    python benchmarks/sampling.py --quick                  # one pinned CPU core, 10 steps each, a minute or two
+    python benchmarks/sampling.py --device cuda --threads 0 --batch 256 --precision bf16 --compile --channels-last
+
+Samples go through ``DiffusionModule.sample``, the code that the training callbacks and sample.py use, under
+``torch.inference_mode``, with the UNet of ``--model`` (random weights: speed does not depend on them). In
+--quick mode every sampler runs --steps steps and its images per second at its default number of steps is
+derived from the measured seconds per evaluation (marked "derived"); otherwise each runs its default steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from common import ROOT, interleaved, machine, setup_device, table, write_json
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from diffusion.module import DiffusionModule
+from diffusion.samplers import final
+from diffusion.schedules import NoiseSchedule
+from diffusion.targets import Prediction
+
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "sde", "ode")
+
+
+def load(group: str, name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / group / f"{name}.yaml"))
+
+
+def build(model: str, compile: bool, channels_last: bool, device: torch.device) -> DiffusionModule:
+    torch.manual_seed(0)
+    module = DiffusionModule(
+        model={**load("model", model), "compile": compile, "channels_last": channels_last},
+        diffusion=load("diffusion", "ddpm"),
+        optimizer=load("optimizer", "adamw"),
+        data={"image_size": 32, "channels": 3},
+    )
+    return module.to(device).eval()
+
+
+def evaluations_at(sampler, schedule, steps: int) -> int:
+    """Network evaluations of a run of ``steps`` steps, counted with a trivial denoiser on a 1-pixel image."""
+    calls = [0]
+
+    def denoise(x, t):
+        calls[0] += 1
+        return Prediction(x0=torch.zeros_like(x), eps=torch.zeros_like(x))
+
+    final(sampler(denoise, NoiseSchedule(schedule.betas.cpu()), torch.zeros(1, 1, 1, 1), steps=steps))
+    return calls[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (pinned to as many cores); 0: all")
+    parser.add_argument("--model", default="small", help="a configs/model preset")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=10, help="steps of every sampler in --quick mode")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sampling.json")
+    args = parser.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    device = setup_device(args.device, threads, pin=args.device == "cpu" and args.threads > 0)
+    module = build(args.model, args.compile, args.channels_last, device)
+    evaluations = [0]
+    module.unet.register_forward_hook(lambda *_: evaluations.__setitem__(0, evaluations[0] + 1))
+    x_T = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    samplers = {name: instantiate(OmegaConf.create(load("sampler", name))) for name in SAMPLERS}
+    default_steps = {name: sampler.keywords["steps"] for name, sampler in samplers.items()}
+
+    def run(name: str) -> None:
+        options = {"steps": args.steps} if args.quick else {}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            module.sample(samplers[name], x_T, generator=torch.Generator(device).manual_seed(1), **options)
+
+    nfe = {}
+    for name in SAMPLERS:  # warm-up (and compilation), counting the network evaluations of one run
+        evaluations[0] = 0
+        run(name)
+        nfe[name] = evaluations[0]
+    seconds = interleaved({name: lambda name=name: run(name) for name in SAMPLERS}, device, 2 if args.quick else 3, 1)
+    rows = []
+    for name in SAMPLERS:
+        per_evaluation = seconds[name] / nfe[name]
+        default_nfe = evaluations_at(samplers[name], module.schedule, default_steps[name])
+        rows.append(
+            {
+                "sampler": name,
+                "steps": args.steps if args.quick else default_steps[name],
+                "nfe": nfe[name],
+                "s_per_nfe": per_evaluation,
+                "img_per_s": args.batch / seconds[name],
+                "default_steps": default_steps[name],
+                "default_nfe": default_nfe,
+                "img_per_s_at_default": args.batch / (per_evaluation * default_nfe),
+                "at_default": "derived" if args.quick else "measured",
+            }
+        )
+    info = machine(device)
+    print(
+        f"\nSampling, {args.model} UNet, batch {args.batch}, {args.precision}"
+        f"{', compiled' if args.compile else ''}{', channels-last' if args.channels_last else ''}, {info}"
+    )
+    print(
+        table(
+            rows,
+            [
+                "sampler",
+                "steps",
+                "nfe",
+                "s_per_nfe",
+                "img_per_s",
+                "default_steps",
+                "default_nfe",
+                "img_per_s_at_default",
+                "at_default",
+            ],
+        )
+    )
+    write_json(
+        args.out,
+        {
+            "machine": info,
+            "model": args.model,
+            "batch": args.batch,
+            "precision": args.precision,
+            "compile": args.compile,
+            "channels_last": args.channels_last,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

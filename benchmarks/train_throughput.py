@@ -1,0 +1,257 @@
+"""Training throughput of this project's UNet next to lucidrains' and diffusers' UNets, and what fraction of the
+machine's measured peak each reaches.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/train_throughput.py --quick                       # one pinned CPU core, a few minutes
+    python benchmarks/train_throughput.py --device cuda --threads 0 --gpu-features
+
+Every model trains under the same step (fp32 unless --precision bf16: forward, MSE loss, backward, fused AdamW) on
+a fixed batch of 32x32x3 images; the runs are interleaved and the medians reported. GFLOP/img is the forward pass
+counted by ``torch.utils.flop_counter`` (training is 3x that). The peak is the best of large matmuls and of
+conv2d at the UNet's own layer shapes, measured on this machine in the same run. A last table times a step fed by
+the project's device-held data loader against one on a ready-made batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import ROOT, interleaved, machine, setup_device, table, write_json
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion.data import random_hflip
+from diffusion.images import to_model_range
+from diffusion.loaders import ShardedBatchSampler, device_loader
+from diffusion.unet import UNet
+
+
+def ours(preset: str) -> torch.nn.Module:
+    settings = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{preset}.yaml"))
+    settings.pop("num_classes")
+    return UNet(image_size=32, in_channels=3, num_classes=None, learned_variance=False, **settings)
+
+
+def diffusers_ddpm(width: int) -> torch.nn.Module:
+    """diffusers' UNet2DModel laid out like the DDPM CIFAR-10 network (google/ddpm-cifar10-32) at ``width``."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(width, 2 * width, 2 * width, 2 * width),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1,
+    )
+
+
+def lucidrains() -> torch.nn.Module:
+    from denoising_diffusion_pytorch import Unet
+
+    return Unet(dim=64, dim_mults=(1, 2, 2, 2))
+
+
+def forward(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    out = model(x, t)
+    return out.sample if hasattr(out, "sample") else out
+
+
+class Case:
+    """One model trained on a fixed batch: its step, forward FLOPs and parameter count."""
+
+    def __init__(self, name, model, batch, device, *, precision="fp32", channels_last=False, compile=False):
+        torch.manual_seed(0)
+        self.name, self.batch, self.device = name, batch, device
+        self.model = model.to(device)
+        self.x = torch.randn(batch, 3, 32, 32, device=device)
+        self.t = torch.randint(0, 1000, (batch,), device=device)
+        self.target = torch.randn(batch, 3, 32, 32, device=device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            forward(self.model, self.x, self.t)
+        self.gflop_per_image = counter.get_total_flops() / batch / 1e9
+        self.net = torch.compile(self.model) if compile else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(self, x: torch.Tensor | None = None) -> None:
+        with self.autocast:
+            loss = F.mse_loss(forward(self.net, self.x if x is None else x, self.t).float(), self.target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def conv_shapes(models: list[torch.nn.Module], batch: int, device: torch.device) -> set[tuple]:
+    """(in, out, kernel, stride, padding, H, W) of every Conv2d the models run on 32x32 inputs."""
+    shapes: set[tuple] = set()
+
+    def record(module, inputs, output):
+        _, c, h, w = inputs[0].shape
+        shapes.add((c, module.out_channels, module.kernel_size[0], module.stride[0], module.padding[0], h, w))
+
+    for model in models:
+        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        with torch.no_grad():
+            forward(model, torch.randn(1, 3, 32, 32, device=device), torch.zeros(1, dtype=torch.long, device=device))
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def measure_peak(shapes: set[tuple], batch: int, device: torch.device, channels_last: bool) -> dict[str, float]:
+    """GFLOP/s of the best conv2d forward at the UNet's shapes and of the best large square matmul."""
+    dtype = torch.float32
+    conv_best = 0.0
+    for c_in, c_out, k, stride, pad, h, w in sorted(shapes):
+        conv = torch.nn.Conv2d(c_in, c_out, k, stride, pad).to(device)
+        x = torch.randn(batch, c_in, h, w, device=device, dtype=dtype)
+        if channels_last:
+            conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        flops = 2 * batch * c_in * c_out * k * k * ((h + 2 * pad - k) // stride + 1) * ((w + 2 * pad - k) // stride + 1)
+        with torch.no_grad():
+            seconds = interleaved({"conv": lambda conv=conv, x=x: conv(x)}, device, rounds=1, per_round=5)["conv"]
+        conv_best = max(conv_best, flops / seconds / 1e9)
+    matmul_best = 0.0
+    for n in (1024, 2048) if device.type == "cpu" else (4096, 8192):
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        seconds = interleaved({"mm": lambda a=a, b=b: a @ b}, device, rounds=1, per_round=5)["mm"]
+        matmul_best = max(matmul_best, 2 * n**3 / seconds / 1e9)
+    return {"conv2d_gflops": conv_best, "matmul_gflops": matmul_best, "peak_gflops": max(conv_best, matmul_best)}
+
+
+def data_pipeline_overhead(case: Case, device: torch.device, rounds: int, per_round: int) -> dict[str, float]:
+    """A training step fed by the device-held loader (uint8 gather, [-1, 1], random flips) against one on a batch
+    that is already there."""
+    n = 4096
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+    loader = device_loader(
+        images,
+        torch.zeros(n, dtype=torch.long, device=device),
+        ShardedBatchSampler(n, case.batch, shuffle=True, drop_last=True, seed=0, rank=0, world_size=1),
+    )
+    batches = iter(())
+
+    def from_loader() -> None:
+        nonlocal batches
+        try:
+            uint8, _ = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            uint8, _ = next(batches)
+        case.step(random_hflip(to_model_range(uint8)))
+
+    times = interleaved({"ready": case.step, "loader": from_loader}, device, rounds, per_round)
+    return {**times, "overhead_percent": 100 * (times["loader"] / times["ready"] - 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (pinned to as many cores); 0: all")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true", help="also run this project's UNet channels-last")
+    parser.add_argument("--compile", action="store_true", help="also run this project's UNet compiled")
+    parser.add_argument("--gpu-features", action="store_true", help="ddpm_cifar with bf16 + compile + channels-last")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, ddpm_cifar at a quarter of the batch")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
+    args = parser.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    device = setup_device(args.device, threads, pin=args.device == "cpu" and args.threads > 0)
+    rounds, per_round = (2, 2) if args.quick else (5, 3)
+    big_batch = max(1, args.batch // 4) if args.quick else args.batch
+
+    def build(name, model, batch, **switches):
+        return Case(name, model, batch, device, precision=args.precision, **switches)
+
+    small = [
+        build("ours small (DDPM layout, width 64)", ours("small"), args.batch),
+        build("diffusers UNet2DModel (DDPM layout, width 64)", diffusers_ddpm(64), args.batch),
+        build("lucidrains Unet(dim=64, dim_mults=(1,2,2,2))", lucidrains(), args.batch),
+    ]
+    if args.channels_last:
+        small.append(build("ours small, channels-last", ours("small"), args.batch, channels_last=True))
+    if args.compile:
+        small.append(build("ours small, compiled", ours("small"), args.batch, compile=True))
+    large = [
+        build("ours ddpm_cifar (width 128, 35.7M)", ours("ddpm_cifar"), big_batch),
+        build("diffusers UNet2DModel (DDPM layout, width 128)", diffusers_ddpm(128), big_batch),
+    ]
+    if args.gpu_features:
+        fast = Case(
+            "ours ddpm_cifar, bf16 + compile + channels-last",
+            ours("ddpm_cifar"),
+            big_batch,
+            device,
+            precision="bf16",
+            channels_last=True,
+            compile=True,
+        )
+        large.append(fast)
+    for case in small + large:  # warm-up, and compilation where asked
+        for _ in range(2):
+            case.step()
+    peak = measure_peak(conv_shapes([small[0].model, large[0].model], args.batch, device), args.batch, device, False)
+    rows = []
+    for group in (small, large):
+        seconds = interleaved({c.name: c.step for c in group}, device, rounds, per_round)
+        reference = seconds[group[1].name]  # diffusers
+        for case in group:
+            images_per_second = case.batch / seconds[case.name]
+            achieved = 3 * case.gflop_per_image * images_per_second
+            rows.append(
+                {
+                    "model": case.name,
+                    "batch": case.batch,
+                    "params_M": case.params / 1e6,
+                    "fwd_GFLOP_per_img": case.gflop_per_image,
+                    "img_per_s": images_per_second,
+                    "vs_diffusers": reference / seconds[case.name],
+                    "train_GFLOP_per_s": achieved,
+                    "percent_of_peak": 100 * achieved / peak["peak_gflops"],
+                }
+            )
+    pipeline = data_pipeline_overhead(small[0], device, rounds, per_round)
+    columns = [
+        "model",
+        "batch",
+        "params_M",
+        "fwd_GFLOP_per_img",
+        "img_per_s",
+        "vs_diffusers",
+        "train_GFLOP_per_s",
+        "percent_of_peak",
+    ]
+    info = machine(device)
+    print(f"\nTraining throughput, {args.precision}, {info}")
+    print(f"Peak: conv2d {peak['conv2d_gflops']:.1f} GFLOP/s, matmul {peak['matmul_gflops']:.1f} GFLOP/s")
+    print(table(rows, columns))
+    print(
+        f"\nData pipeline: a step fed by the device-held loader takes {pipeline['loader'] * 1000:.1f} ms against "
+        f"{pipeline['ready'] * 1000:.1f} ms on a ready batch ({pipeline['overhead_percent']:+.1f}%)"
+    )
+    write_json(
+        args.out,
+        {
+            "machine": info,
+            "precision": args.precision,
+            "quick": args.quick,
+            "peak": peak,
+            "rows": rows,
+            "data_pipeline": pipeline,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Speed switches compute what the plain path computes: mixed precision, channels-last, torch.compile, fused
+AdamW, and the UNet's cheaper CPU dropout."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from diffusion.module import DiffusionModule
+from diffusion.unet import Dropout
+from tests.helpers import compose_config
+from train import hyperparameters
+
+
+def module(tmp_path, *overrides: str) -> DiffusionModule:
+    torch.manual_seed(0)
+    net = DiffusionModule(**hyperparameters(compose_config("train", ["model.dropout=0.0", *overrides], tmp_path)))
+    for p in net.unet.parameters():  # away from the zero initialisation, so that every layer matters
+        p.data.add_(0.02 * torch.randn(p.shape))  # drawn in logical order, whatever the memory format
+    return net
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
+    return (
+        x0,
+        torch.zeros(8, dtype=torch.long),
+        torch.randint(0, 1000, (8,), generator=g),
+        torch.randn(8, 1, 16, 16, generator=g),
+    )
+
+
+def loss_of(net: DiffusionModule) -> torch.Tensor:
+    x0, labels, t, noise = fixed_batch()
+    return net._losses(x0, labels, t, noise, None)["loss"]
+
+
+def test_bf16_autocast_gives_the_fp32_loss_within_bf16_tolerance(tmp_path):
+    net = module(tmp_path)
+    plain = loss_of(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss_of(net)
+    torch.testing.assert_close(mixed.float(), plain, rtol=3e-2, atol=1e-3)
+
+
+def test_channels_last_gives_the_same_loss_and_gradients(tmp_path):
+    plain, fast = module(tmp_path), module(tmp_path, "model.channels_last=true")
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = loss_of(plain), loss_of(fast)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    a.mean().backward()
+    b.mean().backward()
+    for (name, p), q in zip(plain.unet.named_parameters(), fast.unet.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_adamw_takes_the_same_step_as_the_plain_one(tmp_path):
+    net = module(tmp_path)
+    other = copy.deepcopy(net)
+    settings = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    fused = torch.optim.AdamW(net.parameters(), fused=True, **settings)
+    plain = torch.optim.AdamW(other.parameters(), foreach=False, **settings)
+    for model, optimizer in ((net, fused), (other, plain)):  # identical gradients, one step each
+        optimizer.zero_grad()
+        loss_of(model).mean().backward()
+        optimizer.step()
+    for p, q in zip(net.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-3 * settings["lr"])  # a thousandth of a step
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_agree_on_loss_and_samples(tmp_path):
+    """One compilation (inference, ~25 s on 2 CPU cores) serves both checks."""
+    eager, compiled = module(tmp_path), module(tmp_path, "model.compile=true")
+    with torch.inference_mode():
+        torch.testing.assert_close(loss_of(compiled), loss_of(eager), rtol=1e-4, atol=1e-5)
+    sampler = instantiate(OmegaConf.load("configs/sampler/ddim.yaml"))
+    x_T = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    a, _ = eager.sample(sampler, x_T, steps=5)
+    b, _ = compiled.sample(sampler, x_T, steps=5)
+    assert (a.int() - b.int()).abs().max() <= 1  # uint8 images: at most one level apart from rounding
+    copy_ = copy.deepcopy(compiled)  # an EMA copy compiles its own function, bound to its own weights
+    assert "_compiled_unet" in compiled.__dict__ and "_compiled_unet" not in copy_.__dict__
+
+
+def test_cpu_dropout_keeps_the_right_fraction_and_the_mean():
+    drop = Dropout(0.1)
+    torch.manual_seed(0)
+    x = torch.ones(2_000_000)
+    y = drop(x)
+    kept = (y != 0).double().mean().item()
+    assert abs(kept - 0.9) < 1e-3 and abs(y.double().mean().item() - 1.0) < 2e-3
+    values = torch.unique(y).tolist()
+    assert values[0] == 0.0 and values[1:] == [pytest.approx(1 / (1 - round(0.1 * 65536) / 65536))]
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # seeded like every other random draw
+    drop.eval()
+    assert torch.equal(drop(x), x)
