@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from diffusion.checkpoints import load_checkpoint
 from diffusion.data import DiffusionDataModule
+from diffusion.datasets import ImageTensors
 from diffusion.errors import RunError
 from diffusion.evaluation import ImageMetrics, nll_bits_per_dim
 from diffusion.images import to_model_range
@@ -123,23 +124,25 @@ def dataset_for(hparams: dict[str, Any], cfg: DictConfig) -> DiffusionDataModule
     data = dict(hparams["data"])
     if cfg.data_root is not None:
         data["root"] = cfg.data_root
-    datamodule = DiffusionDataModule(**data, seed=0)
+    datamodule = DiffusionDataModule(**data)
     datamodule.setup("fit")
     return datamodule
 
 
 def split_batches(datamodule: DiffusionDataModule, split: str, batch_size: int, limit: int | None):
-    """``(uint8 images, labels)`` batches of a split, at most ``limit`` images."""
+    """``(uint8 images, labels)`` batches of the first ``limit`` images of a split (the splits are in a seeded
+    random order), from memory or decoded by DataLoader workers for an image folder."""
     data = datamodule.splits[split]
     total = len(data) if limit is None else min(limit, len(data))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(torch.utils.data.TensorDataset(data.images, data.labels), range(total))
-        if hasattr(data, "images")
-        else torch.utils.data.Subset(data, range(total)),
-        batch_size=batch_size,
-        num_workers=0 if hasattr(data, "images") else min(4, os.cpu_count() or 1),
-    )
-    yield from loader
+    if isinstance(data, ImageTensors):
+        for start in range(0, total, batch_size):
+            yield (
+                data.images[start : min(total, start + batch_size)],
+                data.labels[start : min(total, start + batch_size)],
+            )
+    else:
+        subset = torch.utils.data.Subset(data, range(total))
+        yield from torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1))
 
 
 def evaluate_fid(cfg: DictConfig, images: torch.Tensor, hparams: dict[str, Any], device: torch.device) -> dict:
@@ -206,6 +209,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "ema": cfg.ema,
         "guidance": cfg.guidance,
+        "eta": cfg.eta,
         "device": str(device),
         "precision": str(cfg.precision),
     }

@@ -22,7 +22,9 @@ from diffusion.module import DiffusionModule
 def hyperparameters(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """The plain-dict settings that define the model: what the checkpoint keeps to rebuild it."""
     groups = {"model": "model", "diffusion": "diffusion", "optimizer": "optimizer", "data": "dataset"}
-    return {name: OmegaConf.to_container(cfg[key], resolve=True) for name, key in groups.items()}
+    hparams = {name: OmegaConf.to_container(cfg[key], resolve=True) for name, key in groups.items()}
+    hparams["data"]["seed"] = cfg.seed  # the validation split follows from it: sample.py finds the same test images
+    return hparams
 
 
 def checkpoint_to_resume(cfg: DictConfig, hparams: dict[str, Any]) -> str | None:
@@ -43,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Builds the data, model, callbacks, loggers and trainer from ``cfg`` and fits; returns the last metrics."""
     seed_everything(cfg.seed, workers=True)
     hparams = hyperparameters(cfg)
-    datamodule = DiffusionDataModule(**hparams["data"], seed=cfg.seed)
+    datamodule = DiffusionDataModule(**hparams["data"])
     module = DiffusionModule(**hparams)
     ckpt_path = checkpoint_to_resume(cfg, hparams)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"({found.group(1).rstrip('.')}), which can carry code; none of it was run. Only load checkpoints "
             f"written by this project's train.py, or re-save the weights you trust as plain tensors."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # garbage makes torch.load raise many kinds: EOFError, IndexError, KeyError, ...
         raise RunError(_unreadable(path, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if (

@@ -12,13 +12,13 @@ from omegaconf import DictConfig
 from diffusion.writers import atomic_path
 
 COLUMNS = ("sampler", "steps", "nfe", "seconds", "images_per_second", "fid", "kid", "nll_bpd")
+OPTIONS = ("guidance", "eta", "ema", "precision", "seed")  # shown when a sweep varies them
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the columns that any row has, numbers to 4 significant digits."""
+    """A Markdown table of the results columns that any row has, and of the options that differ between rows."""
     columns = [c for c in COLUMNS if any(c in row for row in rows)]
-    extra = sorted({k for row in rows for k in row if k.startswith("label") or k == "guidance"} - set(columns))
-    columns += [c for c in extra if len({str(row.get(c)) for row in rows}) > 1]
+    columns += [c for c in OPTIONS if len({str(row.get(c)) for row in rows}) > 1]
 
     def cell(value: Any) -> str:
         if isinstance(value, float):

@@ -53,15 +53,6 @@ def eps_from_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, x0: Tensor) -> 
     return (x_t - a * x0) / s
 
 
-def x0_from_eps(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-    """x_0 = (x_t - s_t eps) / a_t."""
-    a, s = (
-        schedule.at(schedule.sqrt_alphas_cumprod, t, x_t),
-        schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t),
-    )
-    return (x_t - s * eps) / a
-
-
 def to_x0_eps(schedule: NoiseSchedule, target: Target, output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """The pair (x_0, eps) implied by a network ``output`` of the given ``target`` at (x_t, t)."""
     a, s = (

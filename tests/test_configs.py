@@ -21,7 +21,7 @@ def options(group: str) -> list[str]:
 
 def build(cfg):
     hparams = hyperparameters(cfg)
-    return DiffusionModule(**hparams), DiffusionDataModule(**hparams["data"], seed=cfg.seed)
+    return DiffusionModule(**hparams), DiffusionDataModule(**hparams["data"])
 
 
 @pytest.mark.parametrize("option", options("model"))

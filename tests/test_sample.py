@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -139,11 +138,17 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path)
     assert not marker.exists()
 
 
-def test_missing_and_corrupt_checkpoints_give_their_messages(tmp_path):
+def test_missing_and_corrupt_checkpoints_give_their_messages(trained, tmp_path):
     result = run_script("sample.py", f"ckpt={tmp_path / 'missing.ckpt'}", f"out_dir={tmp_path / 'o'}")
     assert result.returncode == 1 and "error: no checkpoint at" in result.stderr and "Traceback" not in result.stderr
     corrupt = tmp_path / "corrupt.ckpt"
-    corrupt.write_bytes(os.urandom(100))
+    rng = np.random.default_rng(0)
+    for size in (1, 10, 100, 1000, 10_000):  # garbage of every length makes torch.load fail in its own way
+        corrupt.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        with pytest.raises(RunError, match="not a readable checkpoint"):
+            run_sample(tmp_path / "out", corrupt)
+    real = Path(trained["ckpt"]).read_bytes()
+    corrupt.write_bytes(real[: len(real) // 2])  # a copy cut short
     with pytest.raises(RunError, match="not a readable checkpoint"):
         run_sample(tmp_path / "out", corrupt)
     other = tmp_path / "other.ckpt"
@@ -174,3 +179,22 @@ def test_the_default_output_folder_is_beside_the_checkpoint(trained):
     out = trained["ckpt"].parent / "last_dpm_solver_3steps"
     assert (out / "samples.npz").is_file()
     assert "Wrote grid.png, process.gif, samples.npz" in result.stdout and "images/s" in result.stdout
+
+
+def test_evaluation_finds_the_split_of_the_training_run(trained):
+    """The validation split follows from the training seed, which the checkpoint keeps with the data settings."""
+    from omegaconf import OmegaConf
+
+    from diffusion.data import DiffusionDataModule
+    from sample import dataset_for
+
+    hparams = torch.load(trained["ckpt"], weights_only=True)["hyper_parameters"]
+    assert hparams["data"]["seed"] == 0
+    other = {**hparams, "data": {**hparams["data"], "seed": 7}}
+    rebuilt = dataset_for(other, OmegaConf.create({"data_root": None}))
+    trained_with_7 = DiffusionDataModule(**{**hparams["data"], "seed": 7})
+    trained_with_7.setup("fit")
+    assert torch.equal(rebuilt.splits["val"].images, trained_with_7.splits["val"].images)
+    assert not torch.equal(
+        rebuilt.splits["val"].images, dataset_for(hparams, OmegaConf.create({"data_root": None})).splits["val"].images
+    )
