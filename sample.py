@@ -21,7 +21,7 @@ from tqdm import tqdm
 from diffusion.checkpoints import load_checkpoint
 from diffusion.data import DiffusionDataModule
 from diffusion.datasets import ImageTensors
-from diffusion.errors import RunError
+from diffusion.errors import RunError, report_errors
 from diffusion.evaluation import ImageMetrics, nll_bits_per_dim
 from diffusion.images import to_model_range
 from diffusion.module import DiffusionModule
@@ -228,14 +228,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
-    try:
-        results = sample(cfg)
-    except (RunError, ValueError) as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    results = sample(cfg)
     return results.get("fid", results.get("nll_bpd"))
 
 

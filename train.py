@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
 from diffusion.data import DiffusionDataModule
-from diffusion.errors import RunError
+from diffusion.errors import report_errors
 from diffusion.module import DiffusionModule
 
 
@@ -68,14 +66,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except (RunError, ValueError) as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    metrics = train(cfg)
     return metrics.get("val/loss")  # the value a Hydra sweeper would optimise
 
 

@@ -144,10 +144,7 @@ class DiffusionDataModule(LightningDataModule):
         return worker_loader(data, sampler, **self.loader_options)
 
     def train_dataloader(self) -> ResumableLoader:
-        try:
-            return self._loader("train", shuffle=True, drop_last=True)
-        except ValueError as error:
-            raise RunError(str(error)) from None
+        return self._loader("train", shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> ResumableLoader:
         return self._loader("val", shuffle=False, drop_last=False)
