@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from diffusion.errors import RunError
 from diffusion.evaluation import ImageMetrics
 from diffusion.module import DiffusionModule, Sampler
-from diffusion.writers import grid_image, write_gif, write_grid
+from diffusion.writers import grid_image, write_gif, write_png
 
 
 class EMA(EMAWeightAveraging):
@@ -115,13 +115,12 @@ class SampleGrid(Callback):
                 **options,
             )
         stem = self.dirpath / f"step_{trainer.global_step:07d}"
-        write_grid(images.cpu(), stem.with_suffix(".png"))
+        picture = grid_image(images.cpu())
+        write_png(picture, stem.with_suffix(".png"))
         write_gif(frames, stem.with_suffix(".gif"))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(
-                    "samples/grid", grid_image(images.cpu()), trainer.global_step, dataformats="HWC"
-                )
+                logger.experiment.add_image("samples/grid", picture, trainer.global_step, dataformats="HWC")
 
 
 class NonFiniteLossGuard(Callback):

@@ -44,21 +44,23 @@ class Prediction:
 Denoiser = Callable[[Tensor, Tensor], Prediction]
 
 
+def signal_and_noise(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """a_t = sqrt(alpha_bar_t) and s_t = sqrt(1 - alpha_bar_t), cast and shaped to broadcast against ``like``."""
+    return (
+        schedule.at(schedule.sqrt_alphas_cumprod, t, like),
+        schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, like),
+    )
+
+
 def eps_from_x0(schedule: NoiseSchedule, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
     """eps = (x_t - a_t x_0) / s_t."""
-    a, s = (
-        schedule.at(schedule.sqrt_alphas_cumprod, t, x_t),
-        schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t),
-    )
+    a, s = signal_and_noise(schedule, t, x_t)
     return (x_t - a * x0) / s
 
 
 def to_x0_eps(schedule: NoiseSchedule, target: Target, output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """The pair (x_0, eps) implied by a network ``output`` of the given ``target`` at (x_t, t)."""
-    a, s = (
-        schedule.at(schedule.sqrt_alphas_cumprod, t, x_t),
-        schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t),
-    )
+    a, s = signal_and_noise(schedule, t, x_t)
     if target == "eps":
         return (x_t - s * output) / a, output
     if target == "x0":
@@ -81,8 +83,7 @@ def from_x0_eps(schedule: NoiseSchedule, target: Target, x0: Tensor, eps: Tensor
     if target == "x0":
         return x0
     if target == "v":
-        a = schedule.at(schedule.sqrt_alphas_cumprod, t, x_t)
-        s = schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+        a, s = signal_and_noise(schedule, t, x_t)
         return a * eps - s * x0
     if target == "mu":
         c1 = schedule.at(schedule.posterior_mean_coef1, t, x_t)

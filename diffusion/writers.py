@@ -48,8 +48,13 @@ def grid_image(images: Tensor, nrow: int | None = None, min_tile: int = 64) -> n
 
 
 def write_grid(images: Tensor, path: Path, nrow: int | None = None) -> Path:
+    return write_png(grid_image(images, nrow), path)
+
+
+def write_png(picture: np.ndarray, path: Path) -> Path:
+    """An ``(H, W, C)`` uint8 picture as a PNG."""
     with atomic_path(path) as tmp:
-        iio.imwrite(tmp, grid_image(images, nrow), extension=".png")
+        iio.imwrite(tmp, picture, extension=".png")
     return path
 
 

@@ -42,8 +42,10 @@ def test_diffusion_options(option, tmp_path):
 @pytest.mark.parametrize("option", options("dataset"))
 def test_dataset_options(option, tmp_path):
     extra = [f"dataset.root={tmp_path}"] if option == "folder" else []
-    _, datamodule = build(compose_config("train", [f"dataset={option}", *extra], tmp_path))
-    assert datamodule.name == option
+    module, datamodule = build(compose_config("train", [f"dataset={option}", *extra], tmp_path))
+    # the default UNet takes this dataset's images as configured
+    x = torch.zeros(2, datamodule.channels, datamodule.image_size, datamodule.image_size)
+    assert module.unet(x, torch.tensor([1, 500])).shape == x.shape
 
 
 @pytest.mark.parametrize("option", options("sampler"))
