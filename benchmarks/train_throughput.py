@@ -160,7 +160,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (pinned to as many cores); 0: all")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--channels-last", action="store_true", help="also run this project's UNet channels-last")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="also run this project's and diffusers' UNets channels-last"
+    )
     parser.add_argument("--compile", action="store_true", help="also run this project's UNet compiled")
     parser.add_argument("--gpu-features", action="store_true", help="ddpm_cifar with bf16 + compile + channels-last")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, ddpm_cifar at a quarter of the batch")
@@ -179,8 +181,9 @@ def main() -> None:
         build("diffusers UNet2DModel (DDPM layout, width 64)", diffusers_ddpm(64), args.batch),
         build("lucidrains Unet(dim=64, dim_mults=(1,2,2,2))", lucidrains(), args.batch),
     ]
-    if args.channels_last:
+    if args.channels_last:  # both, so that the comparison holds layout for layout
         small.append(build("ours small, channels-last", ours("small"), args.batch, channels_last=True))
+        small.append(build("diffusers UNet2DModel, channels-last", diffusers_ddpm(64), args.batch, channels_last=True))
     if args.compile:
         small.append(build("ours small, compiled", ours("small"), args.batch, compile=True))
     large = [

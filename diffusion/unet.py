@@ -32,21 +32,31 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU mask is drawn four times cheaper.
+    """``nn.Dropout`` with a cheaper CPU mask.
 
-    PyTorch's CPU dropout draws one random number per element (``bernoulli_``), which costs about as much as a
-    convolution's worth of memory passes in a small UNet. Here each 64-bit random word yields four 16-bit uniform
-    integers, so the keep probability is 1 - p rounded to a multiple of 1/65536 (|error| < 1e-5) and the kept values
-    are scaled by its inverse, as usual. Elsewhere (CUDA's dropout is one fused kernel) it is ``nn.Dropout``.
+    PyTorch's CPU dropout draws one random number per element (``bernoulli_``) and multiplies by a boolean mask,
+    which runs unvectorized (mixed dtypes); in a small UNet that costs as much as several convolutions. Here each
+    64-bit random word yields four 16-bit uniform integers u, so the keep probability is 1 - p rounded to a multiple
+    of 1/65536 (|error| < 1e-5); the mask (0 where dropped, 1/(1 - p) where kept) is made from u with float
+    operations that are exact on these integers, laid out like ``x``, so that the product with ``x`` and its
+    gradient are one vectorized pass each. Elsewhere it is ``nn.Dropout``: CUDA's dropout is one fused kernel, and
+    under ``torch.compile`` the compiler fuses the standard one (the in-place ``random_`` here would break the graph).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        if not self.training or self.p == 0 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
-        threshold = round(self.p * 65536)  # an element is kept when its uniform 16-bit integer is >= -32768 + threshold
+        dropped = round(self.p * 65536)  # u in [-32768, 32767] is kept when u >= cut
+        cut = dropped - 32768
         words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
-        return x * keep * (65536 / (65536 - threshold))
+        uniform = words.view(torch.int16)[: x.numel()]
+        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            batch, channels, height, width = x.shape
+            uniform = uniform.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        else:
+            uniform = uniform.view(x.shape)
+        kept = uniform.float().clamp_(cut - 1, cut).sub_(cut - 1)  # exactly 0.0 or 1.0
+        return x * kept.to(x.dtype).mul_(65536 / (65536 - dropped))
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -73,14 +83,16 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        # The two additions are in place, on convolution outputs that nothing else holds (a convolution's backward
+        # needs its input, not its output): one fresh activation-sized buffer fewer each.
         h = self.conv1(F.silu(self.norm1(x)))
         e = self.emb(F.silu(emb))[:, :, None, None]  # (B, C or 2C, 1, 1)
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
             h = F.silu(self.norm2(h) * (1 + scale) + shift)
         else:
-            h = F.silu(self.norm2(h + e))
-        return self.skip(x) + self.conv2(self.dropout(h))
+            h = F.silu(self.norm2(h.add_(e)))
+        return self.conv2(self.dropout(h)).add_(self.skip(x))
 
 
 class Attention(nn.Module):

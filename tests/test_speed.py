@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion.module import DiffusionModule
-from diffusion.unet import Dropout
+from diffusion.unet import Dropout, UNet
 from tests.helpers import compose_config
 from train import hyperparameters
 
@@ -101,3 +101,37 @@ def test_cpu_dropout_keeps_the_right_fraction_and_the_mean():
     assert torch.equal(drop(x), y)  # seeded like every other random draw
     drop.eval()
     assert torch.equal(drop(x), x)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cpu_dropout_scales_what_it_keeps_and_its_gradient_is_the_same_mask(memory_format):
+    p = 0.25
+    scale = 1 / (1 - round(p * 65536) / 65536)
+    x = (torch.rand(4, 8, 16, 16) + 0.5).contiguous(memory_format=memory_format).requires_grad_()
+    torch.manual_seed(0)
+    y = Dropout(p)(x)
+    assert y.is_contiguous(memory_format=memory_format)
+    kept = y != 0
+    # The mask is laid out like x (the product is then one vectorized pass): the i-th element in memory is kept
+    # when the i-th 16-bit integer of the random stream is at least -32768 + round(p * 65536).
+    torch.manual_seed(0)
+    stream = torch.empty(x.numel() // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)
+    in_memory_order = kept.permute(0, 2, 3, 1) if memory_format == torch.channels_last else kept
+    assert torch.equal(in_memory_order.flatten(), stream >= round(p * 65536) - 32768)
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.02
+    torch.testing.assert_close(y[kept], x[kept] * scale, rtol=1e-6, atol=0)
+    upstream = torch.randn(y.shape)
+    y.backward(upstream)
+    torch.testing.assert_close(x.grad, upstream * kept * scale, rtol=1e-6, atol=0)
+
+
+def test_the_unet_compiles_to_one_graph_while_training_with_dropout():
+    """The CPU dropout's in-place ``random_`` would split the compiled graph at every ResBlock; under
+    ``torch.compile`` the standard dropout takes its place."""
+    torch.manual_seed(0)
+    settings = OmegaConf.to_container(OmegaConf.load("configs/model/small.yaml"))
+    settings.update(num_classes=None, base_channels=32)
+    unet = UNet(image_size=16, in_channels=1, learned_variance=False, **settings).train()
+    assert settings["dropout"] > 0
+    explanation = torch._dynamo.explain(unet)(torch.randn(2, 1, 16, 16), torch.tensor([3, 700]))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
