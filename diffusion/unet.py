@@ -39,12 +39,19 @@ class Dropout(nn.Dropout):
     64-bit random word yields four 16-bit uniform integers u, so the keep probability is 1 - p rounded to a multiple
     of 1/65536 (|error| < 1e-5); the mask (0 where dropped, 1/(1 - p) where kept) is made from u with float
     operations that are exact on these integers, laid out like ``x``, so that the product with ``x`` and its
-    gradient are one vectorized pass each. Elsewhere it is ``nn.Dropout``: CUDA's dropout is one fused kernel, and
-    under ``torch.compile`` the compiler fuses the standard one (the in-place ``random_`` here would break the graph).
+    gradient are one vectorized pass each. Elsewhere it is ``nn.Dropout``: CUDA's dropout is one fused kernel, under
+    ``torch.compile`` the compiler fuses the standard one (the in-place ``random_`` here would break the graph), and
+    in other dtypes than float32 a mask in that dtype would round 1/(1 - p).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if (
+            not self.training
+            or self.p == 0
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or torch.compiler.is_compiling()
+        ):
             return super().forward(x)
         dropped = round(self.p * 65536)  # u in [-32768, 32767] is kept when u >= cut
         cut = dropped - 32768
@@ -56,7 +63,7 @@ class Dropout(nn.Dropout):
         else:
             uniform = uniform.view(x.shape)
         kept = uniform.float().clamp_(cut - 1, cut).sub_(cut - 1)  # exactly 0.0 or 1.0
-        return x * kept.to(x.dtype).mul_(65536 / (65536 - dropped))
+        return x * kept.mul_(65536 / (65536 - dropped))
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -101,6 +101,12 @@ def test_cpu_dropout_keeps_the_right_fraction_and_the_mean():
     assert torch.equal(drop(x), y)  # seeded like every other random draw
     drop.eval()
     assert torch.equal(drop(x), x)
+    drop.train()
+    low = x[:1000].bfloat16()
+    torch.manual_seed(0)
+    expected = torch.nn.functional.dropout(low, 0.1)
+    torch.manual_seed(0)
+    assert torch.equal(drop(low), expected)  # other dtypes: PyTorch's own dropout, which scales in float
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
