@@ -34,14 +34,15 @@ def group_norm(channels: int) -> nn.GroupNorm:
 class Dropout(nn.Dropout):
     """``nn.Dropout`` with a cheaper CPU mask.
 
-    PyTorch's CPU dropout draws one random number per element (``bernoulli_``) and multiplies by a boolean mask,
-    which runs unvectorized (mixed dtypes); in a small UNet that costs as much as several convolutions. Here each
-    64-bit random word yields four 16-bit uniform integers u, so the keep probability is 1 - p rounded to a multiple
-    of 1/65536 (|error| < 1e-5); the mask (0 where dropped, 1/(1 - p) where kept) is made from u with float
-    operations that are exact on these integers, laid out like ``x``, so that the product with ``x`` and its
-    gradient are one vectorized pass each. Elsewhere it is ``nn.Dropout``: CUDA's dropout is one fused kernel, under
-    ``torch.compile`` the compiler fuses the standard one (the in-place ``random_`` here would break the graph), and
-    in other dtypes than float32 a mask in that dtype would round 1/(1 - p).
+    PyTorch's CPU dropout draws one random number per element (``bernoulli_``); in a small UNet that costs as much as
+    several convolutions. Here each 64-bit random word yields four 16-bit uniform integers u, so the keep
+    probability is 1 - p rounded to a multiple of 1/65536 (|error| < 1e-5). The mask (0 where dropped, 1/(1 - p)
+    where kept) is made from u with float operations that are exact on these integers, and laid out like ``x``, so
+    that the product with ``x`` and its gradient are one vectorized pass each (a boolean mask, of another dtype than
+    ``x``, makes the product run unvectorized and about seven times slower). Elsewhere it is ``nn.Dropout``: CUDA's
+    dropout is one fused kernel, under ``torch.compile`` the compiler fuses the standard one (the in-place
+    ``random_`` here would break the graph), and in other dtypes than float32 a mask in that dtype would round
+    1/(1 - p).
     """
 
     def forward(self, x: Tensor) -> Tensor:
