@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
 from diffusion.data import DiffusionDataModule
-from diffusion.errors import report_errors
+from diffusion.errors import RunError, report_errors
 from diffusion.module import DiffusionModule
 
 
@@ -26,8 +33,8 @@ def hyperparameters(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
 
 def checkpoint_to_resume(cfg: DictConfig, hparams: dict[str, Any]) -> str | None:
-    """``ckpt_path``, or with ``resume=true`` the run's (or the newest run's) last.ckpt; checked to load safely and
-    to match this run's model."""
+    """``ckpt_path``, or with ``resume=true`` this run directory's last.ckpt; checked to load safely and to match
+    this run's model."""
     if cfg.ckpt_path is None and not cfg.resume:
         return None
     if cfg.ckpt_path is not None:
@@ -40,7 +47,10 @@ def checkpoint_to_resume(cfg: DictConfig, hparams: dict[str, Any]) -> str | None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Builds the data, model, callbacks, loggers and trainer from ``cfg`` and fits; returns the last metrics."""
+    """Builds the data, model, callbacks, loggers and trainer from ``cfg`` and fits; returns the last metrics.
+
+    A run stopped by SIGTERM or Ctrl-C saves its last finished step to ``last.ckpt``, says how to resume, and exits
+    with status 128 + the signal's number (143 or 130), as a shell reports a process ended by that signal."""
     seed_everything(cfg.seed, workers=True)
     hparams = hyperparameters(cfg)
     datamodule = DiffusionDataModule(**hparams["data"])
@@ -49,20 +59,61 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if isinstance(trainer.accelerator, CUDAAccelerator):
+        torch.set_float32_matmul_precision(cfg.cuda_matmul_precision)
     run_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(run_dir, [c.dirpath for c in trainer.checkpoint_callbacks], module)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    stopped_by = None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        stopped_by = getattr(trainer.checkpoint_callback, "signal_received", None) or signal.SIGTERM
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
-    state = "interrupted" if trainer.interrupted else "finished"
+    state = f"stopped by {signal.Signals(stopped_by).name}" if stopped_by else "finished"
     rank_zero_info(
         f"Training {state} at step {trainer.global_step}. Run directory: {run_dir}\n"
         f"  checkpoint: {last or '(none written)'}\n  samples: {run_dir / 'samples'}\n"
         f"  TensorBoard: tensorboard --logdir {run_dir}"
     )
+    if stopped_by:
+        if last:
+            rank_zero_info(f"Resume with: python train.py {' '.join(resume_overrides())} ckpt_path={last}")
+        raise SystemExit(128 + stopped_by)
     return metrics
+
+
+def resume_overrides() -> list[str]:
+    """This run's command-line overrides, less any earlier ``ckpt_path``/``resume`` (empty outside Hydra)."""
+    if not HydraConfig.initialized():
+        return []
+    overrides = HydraConfig.get().overrides.task
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "resume")]
+
+
+def check_writable(run_dir: Path, folders: list[str | None], module: DiffusionModule) -> None:
+    """Fails before training, with a message, when the run's folders cannot be written or the disk cannot hold a
+    checkpoint (the weights, their average and AdamW's two moments: 16 bytes per parameter, twice, for the file
+    being written beside the last one)."""
+    needed = 2 * 16 * sum(p.numel() for p in module.parameters())
+    for folder in [run_dir, *(Path(f) for f in folders if f)]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise RunError(
+                f"cannot write to {folder} ({error.strerror or error}): the run keeps its checkpoints, samples and "
+                f"logs there. Fix the folder's permissions or point the run elsewhere with hydra.run.dir=PATH."
+            ) from None
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise RunError(
+                f"{folder} has {free / 2**20:.0f} MB free, too little for this model's checkpoints (about "
+                f"{needed / 2**20:.0f} MB while one is written). Free some space or set hydra.run.dir=PATH elsewhere."
+            )
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -137,7 +137,7 @@ def data_pipeline_overhead(case: Case, device: torch.device, rounds: int, per_ro
     loader = device_loader(
         images,
         torch.zeros(n, dtype=torch.long, device=device),
-        ShardedBatchSampler(n, case.batch, shuffle=True, drop_last=True, seed=0, rank=0, world_size=1),
+        ShardedBatchSampler(n, case.batch, shuffle=True, full_batches=True, seed=0, rank=0, world_size=1),
     )
     batches = iter(())
 

@@ -62,17 +62,19 @@ def _unreadable(path: Path, reason: str) -> str:
 
 
 def find_last_checkpoint(run_dir: Path, runs_root: Path) -> Path:
-    """``run_dir/checkpoints/last.ckpt`` if it exists, else the newest ``last.ckpt`` of any run under ``runs_root``."""
+    """``run_dir/checkpoints/last.ckpt``; a :class:`RunError` when there is none. Another run's checkpoint is never
+    taken silently: the message names the newest one under ``runs_root``, for the user to pass as ``ckpt_path``."""
     own = run_dir / "checkpoints" / "last.ckpt"
     if own.is_file():
         return own
     candidates = [p for p in runs_root.glob("**/checkpoints/last.ckpt") if p.is_file()] if runs_root.is_dir() else []
-    if not candidates:
-        raise RunError(
-            f"resume=true found no checkpoints/last.ckpt in {run_dir} nor in any run under {runs_root}; "
-            f"give the checkpoint with ckpt_path=PATH"
-        )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    newest = max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    hint = f" The newest run's checkpoint is {newest}: to continue it, pass ckpt_path={newest}." if newest else ""
+    raise RunError(
+        f"resume=true found nothing to resume: there is no checkpoints/last.ckpt in this run's directory {run_dir}. "
+        f"To resume a run, point hydra.run.dir at its directory (e.g. hydra.run.dir=outputs/DATE/TIME) or give its "
+        f"checkpoint with ckpt_path=PATH.{hint}"
+    )
 
 
 def check_resumable(checkpoint: dict[str, Any], hparams: dict[str, Any], path: Path) -> None:

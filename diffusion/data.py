@@ -120,7 +120,7 @@ class DiffusionDataModule(LightningDataModule):
         self.splits = {"train": _subset(full, order[n_val:]), "val": _subset(full, order[:n_val])}
         self.splits["test"] = test if test is not None else self.splits["val"]
 
-    def _loader(self, split: str, *, shuffle: bool, drop_last: bool) -> ResumableLoader:
+    def _loader(self, split: str, *, shuffle: bool, full_batches: bool) -> ResumableLoader:
         data = self.splits[split]
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -128,7 +128,7 @@ class DiffusionDataModule(LightningDataModule):
             len(data),
             self.batch_size,
             shuffle=shuffle,
-            drop_last=drop_last,
+            full_batches=full_batches,
             seed=self.seed,
             rank=rank,
             world_size=world,
@@ -144,13 +144,13 @@ class DiffusionDataModule(LightningDataModule):
         return worker_loader(data, sampler, **self.loader_options)
 
     def train_dataloader(self) -> ResumableLoader:
-        return self._loader("train", shuffle=True, drop_last=True)
+        return self._loader("train", shuffle=True, full_batches=True)
 
     def val_dataloader(self) -> ResumableLoader:
-        return self._loader("val", shuffle=False, drop_last=False)
+        return self._loader("val", shuffle=False, full_batches=False)
 
     def test_dataloader(self) -> ResumableLoader:
-        return self._loader("test", shuffle=False, drop_last=False)
+        return self._loader("test", shuffle=False, full_batches=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """uint8 -> [-1, 1] on the device; random horizontal flips of training batches when ``hflip``."""

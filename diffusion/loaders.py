@@ -22,39 +22,45 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 class ShardedBatchSampler(Sampler[list[int]]):
     """Batches of this rank's share of a per-epoch permutation of ``range(n)``.
 
-    The permutation and the split across ranks are ``DistributedSampler``'s (seeded by seed + epoch); the sampler
-    can start a pass at a given batch (``start``) for resuming mid-epoch. Lightning calls ``set_epoch``.
+    The permutation and the split across ranks are ``DistributedSampler``'s (seeded by seed + epoch; it pads the
+    permutation by repeating its start so that the ranks get equal shares). It is exposed as ``.sampler``, as in
+    torch's ``BatchSampler``, so that Lightning calls its ``set_epoch`` at every epoch and each epoch has its own
+    order. With ``full_batches`` (training) the last batch of a share is filled up with the share's first images,
+    so that every batch has the same size and every image is seen at least once per epoch (dropping the incomplete
+    batch instead would leave the same images out of every epoch with an unshuffled tail, or random ones with a
+    shuffled one). The sampler can start a pass at a given batch (``start``) for resuming mid-epoch.
     """
 
     def __init__(
-        self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, rank: int, world_size: int
+        self, n: int, batch_size: int, *, shuffle: bool, full_batches: bool, seed: int, rank: int, world_size: int
     ) -> None:
-        if n < world_size or (drop_last and n // world_size < batch_size):
+        if n < world_size or (full_batches and n // world_size < batch_size):
             raise ValueError(
                 f"{n} images cannot fill a batch of {batch_size} on each of {world_size} process(es); "
                 f"lower dataset.batch_size or use more images"
             )
-        self.shard = DistributedSampler(
-            range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        self.sampler = DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
         )
-        self.batch_size, self.drop_last = batch_size, drop_last
+        self.batch_size, self.full_batches = batch_size, full_batches
         self.start = 0
 
     @property
     def epoch(self) -> int:
-        return self.shard.epoch
+        return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.shard.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        share = len(self.shard)
-        return share // self.batch_size if self.drop_last else math.ceil(share / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def epoch_indices(self) -> Tensor:
-        """This rank's indices for the current epoch, cut to whole batches when ``drop_last``: ``(len * B,)``."""
-        indices = torch.tensor(list(self.shard), dtype=torch.long)
-        return indices[: len(self) * self.batch_size] if self.drop_last else indices
+        """This rank's indices for the current epoch, ``(len(self) * batch_size,)`` with ``full_batches``."""
+        indices = torch.tensor(list(self.sampler), dtype=torch.long)
+        if self.full_batches:
+            indices = torch.cat([indices, indices[: len(self) * self.batch_size - len(indices)]])
+        return indices
 
     def take_start(self) -> int:
         """The batch this pass starts at; later passes start at 0."""

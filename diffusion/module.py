@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -205,10 +205,35 @@ class DiffusionModule(LightningModule):
         loss = self._losses(x0, labels, t, noise, None)["loss"].mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clips the gradients (``trainer.gradient_clip_val``); logs their norm before clipping (``train/grad_norm``).
+
+        Done here rather than by Lightning's precision plugin, which refuses to clip for any optimizer that unscales
+        its gradients itself, such as fused AdamW, under every ``*-mixed`` precision. That refusal is only needed for
+        float16: there the gradients are still multiplied by the loss scale when this hook runs (Lightning unscales
+        them beforehand only for optimizers that do not do it themselves). So under a ``GradScaler`` the gradients
+        of such an optimizer are unscaled here first, once; the scaler then hands the fused kernel no scale and only
+        its found-inf flag, and skips the step on overflow as usual. bf16 and fp32 have no loss scale. The fused
+        kernel is kept in every case.
+        """
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+        if gradient_clip_val is not None and gradient_clip_val > 0 and gradient_clip_algorithm in (None, "norm"):
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)  # the norm before clipping
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            if gradient_clip_val is not None and gradient_clip_val > 0:  # "value"
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        self.log("train/grad_norm", norm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (fused on CPU and CUDA when ``fused``), with linear warm-up then a constant or cosine learning rate."""
@@ -257,6 +282,7 @@ class DiffusionModule(LightningModule):
         checkpoint["rng_states"] = gathered
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._apply_optimizer_settings(checkpoint)
         states = checkpoint.get("rng_states")
         if states is None:
             return
@@ -270,3 +296,35 @@ class DiffusionModule(LightningModule):
         torch.set_rng_state(states["cpu"][rank].to(torch.uint8))
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8), self.trainer.strategy.root_device)
+
+    def _apply_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
+        """On resume, the optimizer settings of this run replace the checkpoint's, with a message: AdamW's
+        hyperparameters in its saved parameter groups and the schedule's base learning rate (the warm-up, schedule
+        and total steps come from this run's schedule function already; :meth:`on_train_start` sets the rate of the
+        current step). The optimizer's moments and the step count are kept. So fixing the learning rate that made a
+        run diverge and resuming trains at the new rate, and the new checkpoint's hyperparameters say so."""
+        saved = checkpoint.get("hyper_parameters", {}).get("optimizer", {})
+        changed = {k: (saved.get(k), v) for k, v in self.optimizer_settings.items() if saved.get(k) != v}
+        if not changed or not checkpoint.get("optimizer_states"):
+            return
+        s = self.optimizer_settings
+        for state in checkpoint["optimizer_states"]:
+            for group in state["param_groups"]:
+                group.update(lr=s["lr"], initial_lr=s["lr"], betas=tuple(s["betas"]), eps=s["eps"])
+                group.update(weight_decay=s["weight_decay"])
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            scheduler["base_lrs"] = [s["lr"] for _ in scheduler.get("base_lrs", [])]
+        described = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        rank_zero_info(f"Resuming with new optimizer settings ({described}), from step {checkpoint['global_step']}")
+
+    def on_train_start(self) -> None:
+        """Sets each parameter group's learning rate to the schedule's value at the current step: the same value on
+        a fresh start or a plain resume, this run's value after a resume with other optimizer settings."""
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            rates = [
+                base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+            ]
+            for group, lr in zip(scheduler.optimizer.param_groups, rates, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = rates  # what LearningRateMonitor and get_last_lr() report

@@ -14,6 +14,7 @@ not accumulate rounding error in products such as ``alpha_bar``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -136,11 +137,11 @@ class NoiseSchedule(nn.Module):
     def __init__(self, betas: Tensor, timesteps: Tensor | None = None, alphas: Tensor | None = None) -> None:
         super().__init__()
         betas = betas.to(torch.float64)
-        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
+        if betas.ndim != 1 or (betas.device.type != "meta" and not ((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
         alphas = 1.0 - betas if alphas is None else alphas.to(torch.float64)
         alphas_cumprod = torch.cumprod(alphas, 0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         # beta-tilde, Ho et al. 2020 eq. 7
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         tables = {
@@ -162,8 +163,10 @@ class NoiseSchedule(nn.Module):
         for name, table in tables.items():
             self.register_buffer(name, table, persistent=False)
         if timesteps is None:
-            timesteps = torch.arange(len(betas))
-        self.register_buffer("timesteps", torch.as_tensor(timesteps, dtype=torch.long), persistent=False)
+            timesteps = torch.arange(len(betas), device=betas.device)
+        self.register_buffer(
+            "timesteps", torch.as_tensor(timesteps, dtype=torch.long, device=betas.device), persistent=False
+        )
 
     betas: Tensor
     alphas: Tensor
@@ -212,11 +215,12 @@ class NoiseSchedule(nn.Module):
         """The schedule that jumps between the given increasing timesteps (Nichol & Dhariwal 2021, §4):
         alpha_bar'_i = alpha_bar_{t_i}, beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}. Its ``timesteps`` map each
         row back to the network's timestep."""
-        index = torch.as_tensor(list(timesteps), dtype=torch.long, device=self.betas.device)
-        if index.ndim != 1 or len(index) == 0 or (index[1:] <= index[:-1]).any():
+        chosen = [int(t) for t in timesteps]  # checked as plain integers: no device sync, and meta tensors work
+        if not chosen or any(b <= a for a, b in itertools.pairwise(chosen)):
             raise ValueError("respacing needs a non-empty, strictly increasing list of timesteps")
-        if index[0] < 0 or index[-1] >= len(self):
+        if chosen[0] < 0 or chosen[-1] >= len(self):
             raise ValueError(f"respaced timesteps must lie in [0, {len(self) - 1}]")
+        index = torch.tensor(chosen, dtype=torch.long, device=self.betas.device)
         alpha_bar = self.alphas_cumprod[index]
         alphas = alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        return NoiseSchedule(1.0 - alphas, self.timesteps[index], alphas).to(self.betas.device)
+        return NoiseSchedule(1.0 - alphas, self.timesteps[index], alphas)

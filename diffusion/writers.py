@@ -1,7 +1,7 @@
 """The files a run or ``sample.py`` writes: image grids, GIFs of the reverse process, ``.npz`` arrays.
 
-Each is written to a temporary file beside its destination and renamed into place, so an interrupted run never
-leaves a half-written file where a good one stood.
+Each is written to a temporary file beside its destination and renamed into place (:func:`atomic_path`), so an
+interrupted run never leaves a half-written file where a good one stood.
 """
 
 from __future__ import annotations
@@ -22,14 +22,30 @@ from torchvision.utils import make_grid
 from diffusion.images import to_nhwc
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: mkstemp's 0600 is private to the user
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yields a temporary path in ``path``'s folder; on success it replaces ``path`` in one rename."""
+    """Yields a temporary path in ``path``'s folder; on success it is flushed to disk and replaces ``path`` in one
+    rename. The temporary file lies beside the target, never in ``$TMPDIR``: a rename within one folder is atomic
+    on every filesystem, while a move from another filesystem is a copy, which an interruption or a full disk leaves
+    truncated where the previous good file stood. On any failure the temporary file is removed and ``path`` is
+    untouched. The file gets the usual permissions (0666 less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=f"{path.suffix}.tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

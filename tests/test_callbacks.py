@@ -1,4 +1,4 @@
-"""Callbacks and writers: EMA sampling, the non-finite guard, grids, GIFs and npz files."""
+"""Callbacks and writers: the non-finite guard, grids, GIFs and npz files (the EMA: test_ema.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import LightningModule
 from PIL import Image
 
-from diffusion.callbacks import EMA, NonFiniteLossGuard, sampling_module
+from diffusion.callbacks import NonFiniteLossGuard
 from diffusion.errors import RunError
 from diffusion.writers import grid_image, write_gif, write_grid, write_npz
 
@@ -21,28 +20,6 @@ def fake_trainer(**fields):
     strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce_boolean_decision=lambda flag, all=True: flag)
     defaults = dict(global_step=0, log_every_n_steps=5, strategy=strategy, checkpoint_callback=None, callbacks=[])
     return SimpleNamespace(**{**defaults, **fields})
-
-
-class Linear(LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(2, 2))
-
-
-def test_ema_keeps_its_average_on_the_training_device_and_is_used_for_sampling():
-    module = Linear()
-    ema = EMA(decay=0.5, update_every_n_steps=1, use_buffers=False)
-    trainer = fake_trainer()
-    ema.setup(trainer, module, "fit")
-    assert ema._device == torch.device("cpu")
-    ema._average_model.update_parameters(module)  # the first update copies the weights
-    with torch.no_grad():
-        module.weight.add_(2.0)
-    ema._average_model.update_parameters(module)  # then 0.5 * average + 0.5 * new
-    averaged = sampling_module(fake_trainer(callbacks=[ema]), module)
-    assert averaged is ema.averaged_module and averaged is not module
-    torch.testing.assert_close(averaged.weight, module.weight - 1.0)
-    assert sampling_module(fake_trainer(), module) is module
 
 
 def test_nonfinite_guard_stops_at_its_next_check_and_names_the_last_checkpoint():

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer
 
 from diffusion.data import DiffusionDataModule
+from diffusion.ema import ema_decay
 from diffusion.module import DiffusionModule
 from tests.helpers import CONFIGS, compose_config
 from train import hyperparameters
@@ -84,7 +85,10 @@ def test_the_paper_preset_is_the_paper_setup(tmp_path):
     module, datamodule = build(cfg)
     assert sum(p.numel() for p in module.unet.parameters()) == pytest.approx(35.7e6, rel=0.01)
     assert (cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.target) == ("linear", 1000, "eps")
-    assert (cfg.optimizer.lr, cfg.dataset.batch_size, cfg.callbacks.ema.decay) == (2e-4, 128, 0.9999)
+    assert (cfg.optimizer.lr, cfg.dataset.batch_size) == (2e-4, 128)
+    assert ema_decay(1e9, 128, cfg.callbacks.ema.half_life_images, cfg.callbacks.ema.rampup_ratio) == pytest.approx(
+        0.9999, abs=1e-9
+    )
     assert datamodule.hflip and cfg.model.dropout == 0.1
 
 

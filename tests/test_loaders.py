@@ -7,14 +7,14 @@ from torch.utils.data import TensorDataset
 from diffusion.loaders import ShardedBatchSampler, device_loader, worker_loader
 
 
-def sampler(n=50, batch_size=8, *, shuffle=True, drop_last=True, seed=0, rank=0, world_size=1):
+def sampler(n=50, batch_size=8, *, shuffle=True, full_batches=True, seed=0, rank=0, world_size=1):
     return ShardedBatchSampler(
-        n, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, rank=rank, world_size=world_size
+        n, batch_size, shuffle=shuffle, full_batches=full_batches, seed=seed, rank=rank, world_size=world_size
     )
 
 
 def test_ranks_split_each_epoch_between_them():
-    shards = [list(sampler(53, 4, drop_last=False, rank=r, world_size=3)) for r in range(3)]
+    shards = [list(sampler(53, 4, full_batches=False, rank=r, world_size=3)) for r in range(3)]
     seen = [i for shard in shards for batch in shard for i in batch]
     assert set(seen) == set(range(53)) and len(seen) == 54  # padded by one repeat to share evenly
     assert all(len(b) <= 4 for shard in shards for b in shard)
@@ -27,7 +27,34 @@ def test_the_order_follows_seed_and_epoch():
     b.set_epoch(1)
     assert list(a) != list(b)
     assert list(sampler(seed=1)) != list(a)
-    assert len(sampler(50, 8)) == 6 and len(sampler(50, 8, drop_last=False)) == 7
+    assert len(sampler(50, 8)) == 7 and len(sampler(50, 8, full_batches=False)) == 7
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_every_epoch_has_full_batches_a_new_order_and_every_image(world_size):
+    """The union of an epoch's training batches (over all ranks) is the whole split, and epochs differ."""
+    epochs = []
+    for epoch in (0, 1):
+        batches = []
+        for rank in range(world_size):
+            s = sampler(50, 8, rank=rank, world_size=world_size)
+            s.set_epoch(epoch)
+            batches += list(s)
+        assert all(len(b) == 8 for b in batches)
+        assert set(i for b in batches for i in b) == set(range(50))
+        epochs.append(batches)
+    assert epochs[0] != epochs[1]
+
+
+def test_lightning_sets_the_epoch_of_the_loaders():
+    """Lightning's own helper (called at every epoch start) reaches the permutation through ``.sampler``."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    images, labels = _images()
+    loader = device_loader(images, labels, sampler())
+    first = [y.tolist() for _, y in loader]
+    _set_sampler_epoch(loader, 1)
+    assert loader.state_dict()["epoch"] == 1 and [y.tolist() for _, y in loader] != first
 
 
 def _images(n=50):
