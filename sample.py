@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -30,6 +31,7 @@ from diffusion.writers import write_gif, write_grid, write_images, write_json, w
 
 OmegaConf.register_new_resolver("parent", lambda path: str(Path(path).parent), replace=True)
 OmegaConf.register_new_resolver("stem", lambda path: Path(path).stem, replace=True)
+OmegaConf.register_new_resolver("suffix", lambda text: f"_{text}" if text else "", replace=True)
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
@@ -181,6 +183,12 @@ def evaluate_nll(cfg: DictConfig, module: DiffusionModule, hparams: dict[str, An
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generates ``cfg.n`` images, writes grid.png, process.gif and samples.npz (and images/), evaluates when asked,
     and writes results.json; returns the results."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if (out / "results.json").exists() and not cfg.overwrite:
+        raise RunError(
+            f"{out} already holds the results of a run with these settings (results.json, samples.npz, grid.png); "
+            f"pass overwrite=true to replace them, or out_dir=PATH to write elsewhere"
+        )
     device = pick_device(cfg.device)
     module, hparams = load_model(cfg.ckpt, cfg.ema)
     module.compile_network, module.channels_last = cfg.compile, cfg.channels_last
@@ -188,7 +196,6 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         module.unet.to(memory_format=torch.channels_last)
     module.to(device).eval()
     labels = class_labels(cfg, module)
-    out = Path(HydraConfig.get().runtime.output_dir)
     images, frames, seconds, nfe = generate(module, cfg, device, labels)
     written = [
         write_grid(images[: cfg.grid_images], out / "grid.png"),
@@ -230,8 +237,19 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 @report_errors
 def main(cfg: DictConfig) -> float | None:
-    results = sample(cfg)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = sample(cfg)
+    except BaseException:
+        remove_if_empty(out)
+        raise
     return results.get("fid", results.get("nll_bpd"))
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Removes a results folder that a failed run left with nothing but Hydra's own records in it."""
+    if folder.is_dir() and all(p.name in (".hydra", "sample.log") for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
