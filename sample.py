@@ -4,11 +4,9 @@ configs/sample.yaml."""
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +17,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from diffusion.checkpoints import load_checkpoint
+from diffusion.checkpoints import load_model
 from diffusion.data import DiffusionDataModule
-from diffusion.datasets import ImageTensors
 from diffusion.errors import RunError, report_errors
-from diffusion.evaluation import ImageMetrics, nll_bits_per_dim
-from diffusion.images import to_model_range
+from diffusion.evaluation import fid_against, nll_bits_per_dim
 from diffusion.module import DiffusionModule
 from diffusion.reports import results_table
+from diffusion.sampling import Samples, draw
 from diffusion.writers import write_gif, write_grid, write_images, write_json, write_npz
 
 OmegaConf.register_new_resolver("parent", lambda path: str(Path(path).parent), replace=True)
@@ -44,21 +41,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(path: str, ema: bool) -> tuple[DiffusionModule, dict[str, Any]]:
-    """The module of a checkpoint, with its EMA weights (``ema``) or its raw trained weights."""
-    checkpoint = load_checkpoint(path)
-    module = DiffusionModule(**checkpoint["hyper_parameters"])
-    has_ema = "current_model_state" in checkpoint  # Lightning's EMA puts the average in state_dict, the rest here
-    if ema and not has_ema:
-        warnings.warn("the checkpoint holds no EMA weights; sampling with the trained weights", stacklevel=2)
-    weights = checkpoint["state_dict"] if ema or not has_ema else checkpoint["current_model_state"]
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as error:
-        raise RunError(f"the weights in {path} do not fit the model its hyperparameters describe: {error}") from None
-    return module, checkpoint["hyper_parameters"]
-
-
 def class_labels(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor | None:
     """``(n,)`` labels for a class-conditional model: ``cfg.labels`` (one class, or a list cycled), or every
     class in turn."""
@@ -74,108 +56,60 @@ def class_labels(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor | Non
     return torch.tensor(chosen).repeat(math.ceil(cfg.n / len(chosen)))[: cfg.n]
 
 
-def generate(module: DiffusionModule, cfg: DictConfig, device: torch.device, labels: torch.Tensor | None):
-    """All ``n`` images in batches; returns (uint8 images on the CPU, GIF frames, seconds, network evaluations per
-    image). Batch i starts from noise seeded by (seed, i), so a seed and batch size give the same images."""
+def generate(module: DiffusionModule, cfg: DictConfig, device: torch.device, labels: torch.Tensor | None) -> Samples:
+    """All ``n`` images, with a progress bar; image k depends only on (seed, k), whatever the batch size."""
     sampler = instantiate(cfg.sampler)
-    options: dict[str, Any] = {"steps": cfg.steps}
-    if cfg.eta is not None:
-        if "eta" not in sampler.keywords:
-            raise RunError("eta is an option of the ddim sampler only; drop it or use sampler=ddim")
-        options["eta"] = cfg.eta
-    unet = module.unet
-    evaluations = [0]
-    hook = unet.register_forward_hook(lambda *_: evaluations.__setitem__(0, evaluations[0] + 1))
     batches = math.ceil(cfg.n / cfg.batch_size)
-    images, frames = [], []
     autocast = PRECISIONS[str(cfg.precision)]
-    progress = tqdm(total=batches * cfg.steps, desc="sampling", unit="step", file=sys.stderr)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    try:
-        for b in range(batches):
-            size = min(cfg.batch_size, cfg.n - b * cfg.batch_size)
-            g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
-            x_T = torch.randn(size, unet.in_channels, unet.image_size, unet.image_size, generator=g, device=device)
-            batch_labels = None if labels is None else labels[b * cfg.batch_size : b * cfg.batch_size + size].to(device)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                batch, kept = module.sample(
-                    sampler,
-                    x_T,
-                    labels=batch_labels,
-                    guidance=cfg.guidance,
-                    generator=g,
-                    frames=cfg.gif_frames if b == 0 else 0,
-                    frame_images=cfg.gif_images,
-                    on_step=lambda _: progress.update(1),
-                    **options,
-                )
-            images.append(batch.cpu())
-            frames = frames or kept
-    finally:
-        hook.remove()
-        progress.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return torch.cat(images), frames, seconds, evaluations[0] / batches
+    with (
+        tqdm(total=batches * cfg.sampler.steps, desc="sampling", unit="step", file=sys.stderr) as progress,
+        module.sampling(),
+        torch.autocast(device.type, dtype=autocast, enabled=autocast is not None),
+    ):
+        return draw(
+            module.denoiser_for(cfg.guidance),
+            module.schedule,
+            sampler,
+            n=cfg.n,
+            batch_size=cfg.batch_size,
+            shape=module.image_shape,
+            seed=cfg.seed,
+            device=device,
+            labels=labels,
+            frames=cfg.gif_frames,
+            frame_images=cfg.gif_images,
+            on_step=lambda _: progress.update(1),
+        )
 
 
 def dataset_for(hparams: dict[str, Any], cfg: DictConfig) -> DiffusionDataModule:
+    """The training run's dataset and split (its seed is in the checkpoint), from ``data_root`` when given."""
     data = dict(hparams["data"])
     if cfg.data_root is not None:
         data["root"] = cfg.data_root
-    datamodule = DiffusionDataModule(**data)
-    datamodule.setup("fit")
-    return datamodule
+    return DiffusionDataModule(**data)
 
 
-def split_batches(datamodule: DiffusionDataModule, split: str, batch_size: int, limit: int | None):
-    """``(uint8 images, labels)`` batches of the first ``limit`` images of a split (the splits are in a seeded
-    random order), from memory or decoded by DataLoader workers for an image folder."""
-    data = datamodule.splits[split]
-    total = len(data) if limit is None else min(limit, len(data))
-    if isinstance(data, ImageTensors):
-        for start in range(0, total, batch_size):
-            yield (
-                data.images[start : min(total, start + batch_size)],
-                data.labels[start : min(total, start + batch_size)],
-            )
-    else:
-        subset = torch.utils.data.Subset(data, range(total))
-        yield from torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1))
-
-
-def evaluate_fid(cfg: DictConfig, images: torch.Tensor, hparams: dict[str, Any], device: torch.device) -> dict:
-    feature = cfg.eval.feature
-    feature = instantiate(feature) if isinstance(feature, DictConfig) else int(feature)
-    datamodule = dataset_for(hparams, cfg)
-    reference = len(datamodule.splits["train"]) if cfg.eval.reference_images is None else cfg.eval.reference_images
-    subset = max(2, min(cfg.eval.kid_subset_size, len(images), reference))
-    metrics = ImageMetrics(feature, kid_subset_size=subset).to(device)
-    with torch.inference_mode():
-        for real, _ in split_batches(datamodule, "train", cfg.batch_size, reference):
-            metrics.update(real.to(device), real=True)
-        for start in range(0, len(images), cfg.batch_size):
-            metrics.update(images[start : start + cfg.batch_size].to(device), real=False)
-    return {**metrics.compute(), "reference_images": min(reference, len(datamodule.splits["train"]))}
-
-
-def evaluate_nll(cfg: DictConfig, module: DiffusionModule, hparams: dict[str, Any], device: torch.device) -> dict:
-    datamodule = dataset_for(hparams, cfg)
+def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, device: torch.device) -> dict:
+    """The metrics of the ``eval`` group: FID/KID of the images against the training images, or the NLL."""
+    datamodule = dataset_for(module.hparams, cfg)
+    if cfg.eval.name == "fid":
+        feature = instantiate(cfg.eval.feature) if isinstance(cfg.eval.feature, DictConfig) else int(cfg.eval.feature)
+        count = datamodule.split_size("train")
+        count = count if cfg.eval.reference_images is None else min(count, cfg.eval.reference_images)
+        real = datamodule.batches("train", cfg.batch_size, count)
+        return fid_against(images, real, count, feature, cfg.eval.kid_subset_size, device)
     limit = None if cfg.eval.batches is None else cfg.eval.batches * cfg.batch_size
     variance = cfg.eval.variance or ("learned" if module.diffusion["learned_variance"] else "beta")
     batches = (
-        (to_model_range(images.to(device)), labels.to(device))
-        for images, labels in split_batches(datamodule, cfg.eval.split, cfg.batch_size, limit)
+        (x0.to(device), labels.to(device)) for x0, labels in datamodule.batches(cfg.eval.split, cfg.batch_size, limit)
     )
     g = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def denoise_for(labels: torch.Tensor):
         return module.denoiser(labels=labels if module.conditional else None)
 
-    with torch.inference_mode():
+    with module.sampling():
         result = nll_bits_per_dim(denoise_for, module.schedule, batches, variance, g)
     return {**result, "split": cfg.eval.split, "variance": variance}
 
@@ -190,44 +124,51 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             f"pass overwrite=true to replace them, or out_dir=PATH to write elsewhere"
         )
     device = pick_device(cfg.device)
-    module, hparams = load_model(cfg.ckpt, cfg.ema)
+    module = load_model(cfg.ckpt, cfg.ema)
     module.compile_network, module.channels_last = cfg.compile, cfg.channels_last
+    if cfg.clip_x0 is not None:
+        module.diffusion["clip_x0"] = cfg.clip_x0
     if cfg.channels_last:
         module.unet.to(memory_format=torch.channels_last)
-    module.to(device).eval()
+    module.to(device)
     labels = class_labels(cfg, module)
-    images, frames, seconds, nfe = generate(module, cfg, device, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    samples = generate(module, cfg, device, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
     written = [
-        write_grid(images[: cfg.grid_images], out / "grid.png"),
-        write_gif(frames, out / "process.gif"),
-        write_npz(images, out / "samples.npz", labels),
+        write_grid(samples.images[: cfg.grid_images], out / "grid.png"),
+        write_gif(samples.frames, out / "process.gif"),
+        write_npz(samples.images, out / "samples.npz", labels),
     ]
     if cfg.save_images:
-        written.append(write_images(images, out / "images"))
-    sampler_name = HydraConfig.get().runtime.choices.get("sampler")
+        written.append(write_images(samples.images, out / "images"))
     results: dict[str, Any] = {
         "ckpt": str(Path(cfg.ckpt).resolve()),
-        "sampler": sampler_name,
-        "steps": cfg.steps,
-        "nfe": nfe,
+        "sampler": HydraConfig.get().runtime.choices.get("sampler"),
+        "steps": cfg.sampler.steps,
+        "nfe": samples.nfe,
         "n": cfg.n,
         "seconds": seconds,
         "images_per_second": cfg.n / seconds,
         "seed": cfg.seed,
         "ema": cfg.ema,
         "guidance": cfg.guidance,
-        "eta": cfg.eta,
+        "eta": cfg.sampler.get("eta"),
+        "clip_x0": module.diffusion["clip_x0"],
         "device": str(device),
         "precision": str(cfg.precision),
     }
     print(f"Wrote {', '.join(str(p.relative_to(out)) for p in written)} to {out}")
-    print(f"Sampling took {seconds:.1f} s: {cfg.n / seconds:.2f} images/s ({nfe:g} network evaluations per image)")
-    evaluation = cfg.get("eval")  # the `eval` group, when one was chosen
+    print(
+        f"Sampling took {seconds:.1f} s: {cfg.n / seconds:.2f} images/s ({samples.nfe:g} network evaluations per image)"
+    )
     try:
-        if evaluation is not None and evaluation.name == "fid":
-            results.update(evaluate_fid(cfg, images, hparams, device))
-        elif evaluation is not None and evaluation.name == "nll":
-            results.update(evaluate_nll(cfg, module, hparams, device))
+        if cfg.get("eval") is not None:  # the `eval` group, when one was chosen
+            results.update(evaluate(cfg, module, samples.images, device))
     finally:
         write_json(results, out / "results.json")
     print(results_table([results]))

@@ -3,7 +3,7 @@
     python benchmarks/sampling.py --quick                  # one pinned CPU core, 10 steps each, a minute or two
     python benchmarks/sampling.py --device cuda --threads 0 --batch 256 --precision bf16 --compile --channels-last
 
-Samples go through ``DiffusionModule.sample``, the code that the training callbacks and sample.py use, under
+Samples go through ``diffusion.sampling.draw``, the code that the training callbacks and sample.py use, under
 ``torch.inference_mode``, with the UNet of ``--model`` (random weights: speed does not depend on them). In
 --quick mode every sampler runs --steps steps and its images per second at its default number of steps is
 derived from the measured seconds per evaluation (marked "derived"); otherwise each runs its default steps.
@@ -12,6 +12,7 @@ derived from the measured seconds per evaluation (marked "derived"); otherwise e
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 
 from diffusion.module import DiffusionModule
 from diffusion.samplers import final
+from diffusion.sampling import draw
 from diffusion.schedules import NoiseSchedule
 from diffusion.targets import Prediction
 
@@ -70,23 +72,26 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     device = setup_device(args.device, threads, pin=args.device == "cpu" and args.threads > 0)
     module = build(args.model, args.compile, args.channels_last, device)
-    evaluations = [0]
-    module.unet.register_forward_hook(lambda *_: evaluations.__setitem__(0, evaluations[0] + 1))
-    x_T = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     samplers = {name: instantiate(OmegaConf.create(load("sampler", name))) for name in SAMPLERS}
     default_steps = {name: sampler.keywords["steps"] for name, sampler in samplers.items()}
 
-    def run(name: str) -> None:
-        options = {"steps": args.steps} if args.quick else {}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            module.sample(samplers[name], x_T, generator=torch.Generator(device).manual_seed(1), **options)
+    def run(name: str) -> float:
+        sampler = functools.partial(samplers[name], steps=args.steps) if args.quick else samplers[name]
+        with module.sampling(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            samples = draw(
+                module.denoiser_for(),
+                module.schedule,
+                sampler,
+                n=args.batch,
+                batch_size=args.batch,
+                shape=(3, 32, 32),
+                seed=1,
+                device=device,
+            )
+        return samples.nfe
 
-    nfe = {}
-    for name in SAMPLERS:  # warm-up (and compilation), counting the network evaluations of one run
-        evaluations[0] = 0
-        run(name)
-        nfe[name] = evaluations[0]
+    nfe = {name: run(name) for name in SAMPLERS}  # warm-up (and compilation), counting the network evaluations
     seconds = interleaved({name: lambda name=name: run(name) for name in SAMPLERS}, device, 2 if args.quick else 3, 1)
     rows = []
     for name in SAMPLERS:

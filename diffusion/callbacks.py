@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,10 @@ from torch import Tensor
 from diffusion.ema import ema_decay
 from diffusion.errors import RunError
 from diffusion.evaluation import ImageMetrics
-from diffusion.module import DiffusionModule, Sampler
+from diffusion.images import to_uint8
+from diffusion.module import DiffusionModule
+from diffusion.samplers import Sampler
+from diffusion.sampling import draw
 from diffusion.writers import grid_image, write_gif, write_png
 
 
@@ -62,6 +66,12 @@ class EMA(WeightAveraging):
         if self._device is None:
             self._device = trainer.strategy.root_device
         super().setup(trainer, pl_module, stage)
+        if isinstance(pl_module, DiffusionModule) and self.averaged_module is not None:
+            pl_module.offer_weights_for_sampling(self.averaged_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if isinstance(pl_module, DiffusionModule):
+            pl_module.offer_weights_for_sampling(None)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args) -> None:
         images = len(batch[0]) * trainer.world_size * trainer.accumulate_grad_batches  # this step's global batch
@@ -77,12 +87,9 @@ class EMA(WeightAveraging):
         return None if self._average_model is None else self._average_model.module
 
 
-def sampling_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
-    """The EMA weights when an :class:`EMA` callback runs, else the trained weights."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, EMA) and callback.averaged_module is not None:
-            return callback.averaged_module
-    return pl_module
+def with_steps(sampler: Sampler, steps: int | None) -> Sampler:
+    """``sampler`` with its number of steps replaced (``None`` keeps its own)."""
+    return sampler if steps is None else functools.partial(sampler, steps=steps)
 
 
 class SampleGrid(Callback):
@@ -143,28 +150,26 @@ class SampleGrid(Callback):
             optional_failed(f"the sample preview at step {trainer.global_step}", "~callbacks.samples", error)
 
     def _draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        module = sampling_module(trainer, pl_module)
-        assert isinstance(module, DiffusionModule)
-        unet = module.unet
-        g = torch.Generator().manual_seed(self.seed)
-        x_T = torch.randn(self.num_images, unet.in_channels, unet.image_size, unet.image_size, generator=g)
-        x_T = x_T.to(module.device)
-        labels = None
-        if module.conditional:
-            labels = torch.arange(self.num_images, device=module.device) % unet.num_classes
-        device_generator = torch.Generator(device=module.device).manual_seed(self.seed)
-        options = {} if self.steps is None else {"steps": self.steps}
-        with trainer.precision_plugin.forward_context():
-            images, frames = module.sample(
-                self.sampler,
-                x_T,
+        assert isinstance(pl_module, DiffusionModule)
+        module = pl_module.weights_for_sampling()
+        labels, guidance = None, 1.0
+        if module.conditional:  # the classes in turn
+            labels, guidance = torch.arange(self.num_images) % module.unet.num_classes, self.guidance
+        with module.sampling(), trainer.precision_plugin.forward_context():
+            samples = draw(
+                module.denoiser_for(guidance),
+                module.schedule,
+                with_steps(self.sampler, self.steps),
+                n=self.num_images,
+                batch_size=self.num_images,
+                shape=module.image_shape,
+                seed=self.seed,
+                device=module.device,
                 labels=labels,
-                guidance=self.guidance if labels is not None else 1.0,
-                generator=device_generator,
                 frames=self.gif_frames,
                 frame_images=self.gif_images,
-                **options,
             )
+        images, frames = samples.images, samples.frames
         stem = self.dirpath / f"step_{trainer.global_step:07d}"
         picture = grid_image(images.cpu())
         write_png(picture, stem.with_suffix(".png"))
@@ -246,17 +251,14 @@ class FIDMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.every_n_epochs:
             return
-        data = trainer.datamodule.splits["train"]
-        if not hasattr(data, "images"):
-            raise RunError("callbacks.fid needs the training images in memory: set dataset.on_device=true")
-        reference = min(self.reference_images, len(data))
+        datamodule = trainer.datamodule
+        reference = min(self.reference_images, datamodule.split_size("train"))
         subset = min(self.kid_subset_size, reference, self.num_samples)
         self.metrics = ImageMetrics(self.feature, kid_subset_size=max(2, subset)).to(pl_module.device)
-        share = torch.arange(trainer.global_rank, reference, trainer.world_size)
+        shard = {"rank": trainer.global_rank, "world_size": trainer.world_size}
         with torch.inference_mode():
-            for start in range(0, len(share), self.batch_size):
-                index = share[start : start + self.batch_size]
-                self.metrics.update(data.images[index].to(pl_module.device), real=True)
+            for x0, _ in datamodule.batches("train", self.batch_size, reference, **shard):
+                self.metrics.update(to_uint8(x0.to(pl_module.device)), real=True)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         """Runs after the last batch of every ``every_n_epochs``-th epoch. Not in ``on_train_epoch_end``: there,
@@ -275,22 +277,28 @@ class FIDMonitor(Callback):
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         assert self.metrics is not None
-        module = sampling_module(trainer, pl_module)
-        assert isinstance(module, DiffusionModule)
-        unet, device = module.unet, pl_module.device
-        rank, world = trainer.global_rank, trainer.world_size
-        mine = len(range(rank, self.num_samples, world))
-        options = {} if self.steps is None else {"steps": self.steps}
-        for b, start in enumerate(range(0, mine, self.batch_size)):
-            size = min(self.batch_size, mine - start)
-            g = torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * rank + b)
-            x_T = torch.randn(size, unet.in_channels, unet.image_size, unet.image_size, generator=g, device=device)
-            labels = (
-                torch.randint(0, unet.num_classes, (size,), generator=g, device=device) if module.conditional else None
+        assert isinstance(pl_module, DiffusionModule)
+        module = pl_module.weights_for_sampling()
+        mine = range(trainer.global_rank, self.num_samples, trainer.world_size)  # this process's share of the images
+        labels = None
+        if module.conditional:  # image k's class depends on (seed, k) only, like its noise
+            g = torch.Generator().manual_seed(self.seed)
+            labels = torch.randint(0, module.unet.num_classes, (self.num_samples,), generator=g)[list(mine)]
+        with module.sampling(), trainer.precision_plugin.forward_context():
+            samples = draw(
+                module.denoiser_for(),
+                module.schedule,
+                with_steps(self.sampler, self.steps),
+                n=len(mine),
+                batch_size=self.batch_size,
+                shape=module.image_shape,
+                seed=self.seed,
+                device=module.device,
+                labels=labels,
+                indices=mine,
             )
-            with torch.inference_mode(), trainer.precision_plugin.forward_context():
-                images, _ = module.sample(self.sampler, x_T, labels=labels, generator=g, **options)
-            self.metrics.update(images, real=False)
+        for start in range(0, len(samples.images), self.batch_size):
+            self.metrics.update(samples.images[start : start + self.batch_size].to(pl_module.device), real=False)
         values = self.metrics.compute()  # a collective: every process takes part
         self.metrics.reset_fake()
         return values

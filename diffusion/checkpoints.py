@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffusion.errors import RunError
-from diffusion.module import SPEED_SWITCHES
+from diffusion.module import SPEED_SWITCHES, DiffusionModule
 
 HPARAM_KEYS = ("model", "diffusion", "optimizer", "data")
 
@@ -92,3 +93,19 @@ def check_resumable(checkpoint: dict[str, Any], hparams: dict[str, Any], path: P
             f"cannot resume from {path}: it was trained with other settings ({'; '.join(changed)}). Resume with the "
             f"checkpoint's settings (its run's .hydra/config.yaml), or start a new run without ckpt_path."
         )
+
+
+def load_model(path: str | Path, ema: bool) -> DiffusionModule:
+    """The module of a checkpoint, with its EMA weights (``ema``; the checkpoint's ``state_dict``) or its raw
+    trained weights (``current_model_state``, which the EMA callback keeps beside them)."""
+    checkpoint = load_checkpoint(path)
+    module = DiffusionModule(**checkpoint["hyper_parameters"])
+    has_ema = "current_model_state" in checkpoint
+    if ema and not has_ema:
+        warnings.warn("the checkpoint holds no EMA weights; sampling with the trained weights", stacklevel=2)
+    weights = checkpoint["state_dict"] if ema or not has_ema else checkpoint["current_model_state"]
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as error:
+        raise RunError(f"the weights in {path} do not fit the model its hyperparameters describe: {error}") from None
+    return module

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from diffusion.datasets import (
     ImageFolder,
@@ -151,6 +153,32 @@ class DiffusionDataModule(LightningDataModule):
 
     def test_dataloader(self) -> ResumableLoader:
         return self._loader("test", shuffle=False, full_batches=False)
+
+    def split_size(self, split: str) -> int:
+        """The number of images in a split (``train``, ``val`` or ``test``)."""
+        self.setup()
+        return len(self.splits[split])
+
+    def batches(
+        self, split: str, batch_size: int, limit: int | None = None, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Evaluation batches ``(x0 float32 (B, C, H, W) in [-1, 1], labels (B,))`` on the CPU: the first ``limit``
+        images of a split (the splits are in a seeded random order, so these are a fixed random subset), this
+        process's share of them (every ``world_size``-th from ``rank``), from memory or decoded by DataLoader workers
+        for an image folder."""
+        self.setup()
+        data = self.splits[split]
+        total = len(data) if limit is None else min(limit, len(data))
+        mine = list(range(rank, total, world_size))
+        if isinstance(data, ImageTensors):
+            for start in range(0, len(mine), batch_size):
+                index = torch.tensor(mine[start : start + batch_size], dtype=torch.long)
+                yield to_model_range(data.images[index]), data.labels[index]
+            return
+        workers = min(self.loader_options["num_workers"], os.cpu_count() or 1)
+        loader = DataLoader(Subset(data, mine), batch_size=batch_size, num_workers=workers)
+        for images, labels in loader:
+            yield to_model_range(images), labels
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """uint8 -> [-1, 1] on the device; random horizontal flips of training batches when ``hflip``."""

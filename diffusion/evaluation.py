@@ -4,6 +4,7 @@ dimension through the variational bound (the evaluation of improved DDPM)."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm import tqdm
 
 from diffusion.errors import RunError
+from diffusion.images import to_uint8
 from diffusion.losses import prior_bpd, vlb_terms_bpd
 from diffusion.reverse import Variance
 from diffusion.schedules import NoiseSchedule
@@ -97,3 +100,23 @@ def nll_bits_per_dim(
         "kl_bpd": float((total - prior - decoder).mean()),
         "images": len(total),
     }
+
+
+def fid_against(
+    images: Tensor,
+    real: Iterable[tuple[Tensor, Tensor]],
+    real_count: int,
+    feature: int | nn.Module,
+    kid_subset_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """FID and KID of ``images`` (uint8 ``(N, C, H, W)``) against ``real_count`` real images in ``real`` batches
+    (in model range, as :meth:`diffusion.data.DiffusionDataModule.batches` gives them)."""
+    subset = max(2, min(kid_subset_size, real_count, len(images)))
+    metrics = ImageMetrics(feature, kid_subset_size=subset).to(device)
+    with torch.inference_mode():
+        for x0, _ in tqdm(real, desc="FID: real features", unit="batch", file=sys.stderr, leave=False):
+            metrics.update(to_uint8(x0.to(device)), real=True)
+        for start in range(0, len(images), 256):
+            metrics.update(images[start : start + 256].to(device), real=False)
+        return {**metrics.compute(), "reference_images": real_count}

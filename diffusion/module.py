@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -14,15 +14,12 @@ from torchmetrics import MeanMetric
 
 from diffusion.denoiser import network_denoiser
 from diffusion.errors import RunError
-from diffusion.images import to_uint8
 from diffusion.losses import training_losses
-from diffusion.samplers import SamplerStep
+from diffusion.lr_schedule import lr_factor
 from diffusion.schedules import NoiseSchedule, make_betas
 from diffusion.targets import Denoiser
 from diffusion.unet import UNet
 
-# sampler(denoise, schedule, x_T, generator=...) -> steps: a configs/sampler/*.yaml after hydra.utils.instantiate
-Sampler = Callable[..., Iterable[SamplerStep]]
 SPEED_SWITCHES = ("compile", "channels_last")  # model settings that change how fast, not what is computed
 
 
@@ -78,6 +75,7 @@ class DiffusionModule(LightningModule):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_compiled_unet", None)
+        state.pop("_sampling_weights", None)
         return state
 
     def denoiser(self, *, labels: Tensor | None = None, guidance: float = 1.0) -> Denoiser:
@@ -97,54 +95,35 @@ class DiffusionModule(LightningModule):
             null_label=self.unet.num_classes,
         )
 
-    @torch.inference_mode()
-    def sample(
-        self,
-        sampler: Sampler,
-        x_T: Tensor,
-        *,
-        labels: Tensor | None = None,
-        guidance: float = 1.0,
-        generator: torch.Generator | None = None,
-        frames: int = 0,
-        frame_images: int = 0,
-        on_step: Callable[[SamplerStep], None] | None = None,
-        **sampler_options: Any,
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Runs ``sampler`` from ``x_T`` ``(B, C, H, W)``; returns the images as uint8 and, when ``frames`` > 0, at
-        most that many states x_t of the first ``frame_images`` images, evenly spread over the steps, as uint8
-        (the frames of a reverse-process GIF, the last one being the final image). ``on_step`` sees every step (a
-        progress bar). Used by the training callbacks and by ``sample.py`` alike."""
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """One image's ``(C, H, W)``."""
+        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
+
+    def denoiser_for(self, guidance: float = 1.0) -> Callable[[Tensor | None], Denoiser]:
+        """The denoiser for a batch's labels, for :func:`diffusion.sampling.draw`."""
+        return lambda labels: self.denoiser(labels=labels, guidance=guidance)
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Evaluation mode (no dropout) under ``torch.inference_mode``, restored afterwards."""
         was_training = self.training
         self.eval()
         try:
-            kept: list[Tensor] = []
-            stride, last = 1, None
-            for i, step in enumerate(
-                sampler(
-                    self.denoiser(labels=labels, guidance=guidance),
-                    self.schedule,
-                    x_T,
-                    generator=generator,
-                    **sampler_options,
-                )
-            ):
-                last = step
-                if on_step is not None:
-                    on_step(step)
-                if frames and i % stride == 0:
-                    kept.append(to_uint8(step.x[:frame_images]).cpu())
-                    if len(kept) >= 2 * frames:  # keep memory bounded: drop every other frame, sample half as often
-                        kept, stride = kept[::2], stride * 2
-            if last is None:
-                raise RunError("the sampler took no steps")
-            if frames:
-                final = to_uint8(last.x[:frame_images]).cpu()
-                pick = torch.linspace(0, len(kept) - 1, min(frames - 1, len(kept))).round().long().unique()
-                kept = [kept[i] for i in pick.tolist()] + [final]
-            return to_uint8(last.x), kept
+            with torch.inference_mode():
+                yield
         finally:
             self.train(was_training)
+
+    # The weights to sample with: a seam between the EMA callback, which offers its averaged copy of this module,
+    # and the callbacks that draw samples, which need not know about each other. Kept out of the registered
+    # children (no second copy of the weights in state_dict) and out of copies (__getstate__).
+    def offer_weights_for_sampling(self, module: DiffusionModule | None) -> None:
+        self.__dict__["_sampling_weights"] = module
+
+    def weights_for_sampling(self) -> DiffusionModule:
+        """The module to sample with: the averaged weights when an EMA offered them, else this module."""
+        return self.__dict__.get("_sampling_weights") or self
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
@@ -247,16 +226,11 @@ class DiffusionModule(LightningModule):
             fused=s["fused"] and self.device.type in ("cuda", "cpu"),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, schedule, floor = s["warmup_steps"], s["schedule"], s["min_lr_ratio"]
-        if schedule not in ("constant", "cosine"):
-            raise RunError(f"optimizer.schedule must be constant or cosine, got {schedule!r}")
+        shape = {k: s[k] for k in ("warmup_steps", "schedule", "min_lr_ratio")}
+        lr_factor(0, total_steps=total, **shape)  # checks the settings before training starts
 
         def factor(step: int) -> float:
-            ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-            if schedule == "constant":
-                return ramp
-            progress = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
-            return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+            return lr_factor(step, total_steps=total, **shape)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {

@@ -84,7 +84,15 @@ def checkpoint(tmp_path_factory):
 )
 def test_every_sampler_through_sample_py(tmp_path, checkpoint, sampler, speed):
     out = tmp_path / "out"
-    overrides = [f"ckpt={checkpoint}", f"sampler={sampler}", "steps=4", "n=8", "batch_size=8", "device=cuda", *speed]
+    overrides = [
+        f"ckpt={checkpoint}",
+        f"sampler={sampler}",
+        "sampler.steps=4",
+        "n=8",
+        "batch_size=8",
+        "device=cuda",
+        *speed,
+    ]
     results = sample(compose_config("sample", overrides, out))
     assert results["device"].startswith("cuda")
     images = np.load(out / "samples.npz")["arr_0"]
@@ -92,7 +100,15 @@ def test_every_sampler_through_sample_py(tmp_path, checkpoint, sampler, speed):
 
 
 def test_nll_on_the_gpu(tmp_path, checkpoint):
-    overrides = [f"ckpt={checkpoint}", "n=4", "batch_size=4", "steps=2", "eval=nll", "eval.batches=1", "device=cuda"]
+    overrides = [
+        f"ckpt={checkpoint}",
+        "n=4",
+        "batch_size=4",
+        "sampler.steps=2",
+        "eval=nll",
+        "eval.batches=1",
+        "device=cuda",
+    ]
     results = sample(compose_config("sample", overrides, tmp_path))
     assert np.isfinite(results["nll_bpd"])
 

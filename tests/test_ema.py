@@ -3,6 +3,7 @@ sets, so that sampling the raw weights and extending a finished run both work.""
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule
 
-from diffusion.callbacks import EMA, sampling_module
+from diffusion.callbacks import EMA
 from diffusion.ema import ema_decay, half_life_of_decay
+from diffusion.module import DiffusionModule
 from sample import sample
 from tests.helpers import compose_config, load_state, run_script
-from train import train
+from train import hyperparameters, train
 
 
 def run_train(run_dir, *overrides):
@@ -98,7 +100,17 @@ def test_the_callback_averages_a_known_trajectory_with_those_decays(rampup):
         assert first_share < 1e-6
     ema.on_train_end(fake_trainer(steps), module)
     assert module.w.item() == pytest.approx(math.sin(steps))  # the raw weights stay in the model
-    assert sampling_module(SimpleNamespace(callbacks=[ema]), module) is ema.averaged_module
+
+
+def test_the_ema_offers_its_weights_for_sampling(tmp_path):
+    module = DiffusionModule(**hyperparameters(compose_config("train", [], tmp_path)))
+    assert module.weights_for_sampling() is module
+    ema = EMA(half_life_images=100, rampup_ratio=0.05)
+    ema.setup(fake_trainer(0), module, "fit")
+    assert module.weights_for_sampling() is ema.averaged_module
+    assert copy.deepcopy(module).weights_for_sampling() is not ema.averaged_module  # copies do not carry it
+    ema.teardown(fake_trainer(0), module, "fit")
+    assert module.weights_for_sampling() is module
 
 
 def test_bad_ema_settings_are_refused():
@@ -120,7 +132,13 @@ def test_a_finished_run_keeps_the_average_and_the_raw_weights(tmp_path):
     assert max(differences) > 0
     images = {}
     for ema in ("true", "false"):
-        overrides = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddim", "steps=3", "n=4", f"ema={ema}"]
+        overrides = [
+            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+            "sampler=ddim",
+            "sampler.steps=3",
+            "n=4",
+            f"ema={ema}",
+        ]
         sample(compose_config("sample", overrides, tmp_path / ema))
         images[ema] = np.load(tmp_path / ema / "samples.npz")["arr_0"]
     assert (images["true"] != images["false"]).any()

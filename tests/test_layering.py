@@ -12,6 +12,9 @@ PURE = [
     "diffusion.samplers",
     "diffusion.unet",
     "diffusion.images",
+    "diffusion.sampling",
+    "diffusion.ema",
+    "diffusion.lr_schedule",
 ]
 FORBIDDEN = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "torchvision")
 

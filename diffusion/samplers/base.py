@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from diffusion.schedules import NoiseSchedule, Spacing, spaced_timesteps
+from diffusion.targets import Denoiser
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,32 @@ def timestep_batch(t: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like x, drawn from ``generator`` (on x's device) for reproducibility."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+class NoiseSource(Protocol):
+    """Noise with a stream per image (:class:`diffusion.sampling.ImageNoise`): ``randn_like(x)`` is standard normal
+    noise shaped like x, on its device and in its dtype."""
+
+    def randn_like(self, x: Tensor) -> Tensor: ...
+
+
+Randomness = torch.Generator | NoiseSource | None
+
+
+class Sampler(Protocol):
+    """A sampler with its options bound: a ``configs/sampler/*.yaml`` instantiated by Hydra (``_partial_``), e.g.
+    ``functools.partial(ddim_sample, steps=50, spacing="quadratic", eta=0.0)``. It walks from ``x_T`` to a sample,
+    yielding every step; ``generator`` is where its noise comes from (stochastic samplers)."""
+
+    def __call__(
+        self, denoise: Denoiser, schedule: NoiseSchedule, x_T: Tensor, *, generator: Randomness = None
+    ) -> Iterator[SamplerStep]: ...
+
+
+def noise_like(x: Tensor, generator: Randomness) -> Tensor:
+    """Standard normal noise shaped like x (on its device, in its dtype), drawn from ``generator``: a torch
+    generator on x's device, or a :class:`NoiseSource` that gives every image its own stream."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return generator.randn_like(x)
 
 
 def final(steps: Iterable[SamplerStep]) -> Tensor:

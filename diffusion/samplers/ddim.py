@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor
 
-from diffusion.samplers.base import Grid, SamplerStep, noise_like, respaced, timestep_batch
+from diffusion.samplers.base import Grid, Randomness, SamplerStep, noise_like, respaced, timestep_batch
 from diffusion.schedules import NoiseSchedule, Spacing
 from diffusion.targets import Denoiser
 
@@ -20,7 +19,7 @@ def ddim_sample(
     steps: int,
     spacing: Spacing,
     eta: float,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
 ) -> Iterator[SamplerStep]:
     """Song et al. 2021 (DDIM), eq. 12 with sigma_t(eta) of eq. 16, on ``steps`` respaced timesteps.
 

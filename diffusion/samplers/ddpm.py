@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from diffusion.reverse import Variance, p_mean_variance
-from diffusion.samplers.base import SamplerStep, noise_like, respaced, timestep_batch
+from diffusion.samplers.base import Randomness, SamplerStep, noise_like, respaced, timestep_batch
 from diffusion.schedules import NoiseSchedule, Spacing
 from diffusion.targets import Denoiser
 
@@ -21,7 +21,7 @@ def ddpm_sample(
     steps: int,
     spacing: Spacing,
     variance: Variance | None,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
 ) -> Iterator[SamplerStep]:
     """Ho et al. 2020, Algorithm 2, on ``steps`` respaced timesteps (Nichol & Dhariwal 2021, §4).
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor
 
-from diffusion.samplers.base import Grid, SamplerStep, respaced, timestep_batch
+from diffusion.samplers.base import Grid, Randomness, SamplerStep, respaced, timestep_batch
 from diffusion.schedules import NoiseSchedule, Spacing
 from diffusion.targets import Denoiser
 
@@ -20,7 +19,7 @@ def dpm_solver_sample(
     *,
     steps: int,
     spacing: Spacing,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
 ) -> Iterator[SamplerStep]:
     """Lu et al. 2022, "DPM-Solver++", Algorithm 2 (multistep second order, data prediction).
 

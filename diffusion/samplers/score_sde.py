@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor
 
-from diffusion.samplers.base import Grid, SamplerStep, noise_like, respaced, timestep_batch
+from diffusion.samplers.base import Grid, Randomness, SamplerStep, noise_like, respaced, timestep_batch
 from diffusion.schedules import NoiseSchedule, Spacing
 from diffusion.targets import Denoiser
 
@@ -31,7 +30,7 @@ def langevin_correct(
     *,
     snr: float,
     n_steps: int,
-    generator: torch.Generator | None,
+    generator: Randomness,
 ) -> Tensor:
     """Song et al. 2021, Algorithm 5 (corrector for the VP-SDE): n_steps of Langevin dynamics at noise level s,
         eps_step = 2 alpha (r ||z|| / ||score||)^2,   x <- x + eps_step score + sqrt(2 eps_step) z,
@@ -54,7 +53,7 @@ def sde_sample(
     spacing: Spacing,
     corrector_steps: int,
     snr: float,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
 ) -> Iterator[SamplerStep]:
     """The reverse VP-SDE (Song et al. 2021, eq. 6),
         dx = [-1/2 beta x - beta grad log p_t(x)] dtau + sqrt(beta) dw-bar,
@@ -88,7 +87,7 @@ def ode_sample(
     *,
     steps: int,
     spacing: Spacing,
-    generator: torch.Generator | None = None,
+    generator: Randomness = None,
 ) -> Iterator[SamplerStep]:
     """The probability-flow ODE of the VP-SDE (Song et al. 2021, eq. 13),
         dx = -1/2 beta [x + grad log p_t(x)] dtau,
