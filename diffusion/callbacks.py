@@ -58,6 +58,7 @@ class EMA(WeightAveraging):
         super().__init__(use_buffers=False, multi_avg_fn=self._lerp)
         self.half_life_images, self.rampup_ratio = half_life_images, rampup_ratio
         self.beta = 0.0
+        self._swapped = False
 
     def _lerp(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         torch._foreach_lerp_(averaged, current, 1.0 - self.beta)
@@ -81,6 +82,23 @@ class EMA(WeightAveraging):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Keeps the raw weights in the model (see the class docstring)."""
 
+    # Lightning swaps the average into the model for validation and back at its end. A run stopped during
+    # validation (SIGTERM, Ctrl-C) never reaches that end: the swap is undone here, before the checkpoint callback
+    # (which Lightning calls last) saves the stopped run, so that state_dict holds the average and
+    # current_model_state the raw weights, as always.
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._swapped = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._swapped = False
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._swapped:
+            self._swap_models(pl_module)
+            self._swapped = False
+
     @property
     def averaged_module(self) -> LightningModule | None:
         """The module holding the averaged weights (outside validation, during which the two are swapped)."""
@@ -92,7 +110,7 @@ def with_steps(sampler: Sampler, steps: int | None) -> Sampler:
     return sampler if steps is None else functools.partial(sampler, steps=steps)
 
 
-class SampleGrid(Callback):
+class Previews(Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, draws ``num_images`` samples from fixed
     noise with the EMA weights and writes ``samples/step_NNNNNNN.png`` (a grid) and ``.gif`` (the reverse process of
     the first ``gif_images``, noise dissolving into images), and logs the grid to TensorBoard (``samples/grid``).

@@ -88,7 +88,7 @@ def vlb_terms_bpd(
         t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = schedule.q_sample(x0, t, noise)
-        mean, log_variance = p_mean_variance(schedule, denoise(x_t, schedule.timesteps[t]), x_t, t, variance)
+        mean, log_variance = p_mean_variance(schedule, denoise(x_t, schedule.network_timesteps[t]), x_t, t, variance)
         yield step, vb_terms_bpd(schedule, x0, x_t, t, mean, log_variance)
 
 

@@ -125,16 +125,16 @@ class NoiseSchedule(nn.Module):
     """The forward process q(x_t | x_0) of a beta schedule, its posterior, and the tables both need.
 
     The tables are float64 buffers (not saved in checkpoints: they follow from the betas), so Lightning moves them
-    with the model and no code calls ``.to(device)``. ``timesteps`` maps the rows of a respaced schedule to the
-    timesteps the network was trained on (the identity for the schedule it was trained with).
+    with the model and no code calls ``.to(device)``. ``network_timesteps`` maps the rows of a respaced schedule to
+    the timesteps the network was trained on (the identity for the schedule it was trained with).
 
     Args:
         betas: float64 ``(T,)``.
-        timesteps: the network timestep of each row, ``(T,)`` int64; ``None`` means ``0 .. T-1``.
+        network_timesteps: the network timestep of each row, ``(T,)`` int64; ``None`` means ``0 .. T-1``.
         alphas: 1 - betas, when the caller knows it more exactly than 1 - betas rounds it (betas close to 1).
     """
 
-    def __init__(self, betas: Tensor, timesteps: Tensor | None = None, alphas: Tensor | None = None) -> None:
+    def __init__(self, betas: Tensor, network_timesteps: Tensor | None = None, alphas: Tensor | None = None) -> None:
         super().__init__()
         betas = betas.to(torch.float64)
         if betas.ndim != 1 or (betas.device.type != "meta" and not ((betas > 0) & (betas <= 1)).all()):
@@ -162,10 +162,12 @@ class NoiseSchedule(nn.Module):
         }
         for name, table in tables.items():
             self.register_buffer(name, table, persistent=False)
-        if timesteps is None:
-            timesteps = torch.arange(len(betas), device=betas.device)
+        if network_timesteps is None:
+            network_timesteps = torch.arange(len(betas), device=betas.device)
         self.register_buffer(
-            "timesteps", torch.as_tensor(timesteps, dtype=torch.long, device=betas.device), persistent=False
+            "network_timesteps",
+            torch.as_tensor(network_timesteps, dtype=torch.long, device=betas.device),
+            persistent=False,
         )
 
     betas: Tensor
@@ -180,7 +182,7 @@ class NoiseSchedule(nn.Module):
     posterior_mean_coef1: Tensor
     posterior_mean_coef2: Tensor
     log_betas: Tensor
-    timesteps: Tensor
+    network_timesteps: Tensor
 
     def __len__(self) -> int:
         return self.betas.shape[0]
@@ -213,8 +215,8 @@ class NoiseSchedule(nn.Module):
 
     def respace(self, timesteps: Sequence[int]) -> NoiseSchedule:
         """The schedule that jumps between the given increasing timesteps (Nichol & Dhariwal 2021, §4):
-        alpha_bar'_i = alpha_bar_{t_i}, beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}. Its ``timesteps`` map each
-        row back to the network's timestep."""
+        alpha_bar'_i = alpha_bar_{t_i}, beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}. Its ``network_timesteps``
+        map each row back to the network's timestep."""
         chosen = [int(t) for t in timesteps]  # checked as plain integers: no device sync, and meta tensors work
         if not chosen or any(b <= a for a, b in itertools.pairwise(chosen)):
             raise ValueError("respacing needs a non-empty, strictly increasing list of timesteps")
@@ -223,4 +225,4 @@ class NoiseSchedule(nn.Module):
         index = torch.tensor(chosen, dtype=torch.long, device=self.betas.device)
         alpha_bar = self.alphas_cumprod[index]
         alphas = alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        return NoiseSchedule(1.0 - alphas, self.timesteps[index], alphas)
+        return NoiseSchedule(1.0 - alphas, self.network_timesteps[index], alphas)

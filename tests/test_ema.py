@@ -194,3 +194,36 @@ class DumpAverage(Callback):
         ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
         state = {k: v.detach().cpu().clone() for k, v in ema.averaged_module.state_dict().items()}
         torch.save(state, f"{self.folder}/average_rank{trainer.global_rank}.pt")
+
+
+def test_a_run_stopped_during_validation_saves_the_weights_unswapped(tmp_path, monkeypatch):
+    """SIGTERM lands while the average is swapped in for validation: the saved checkpoint still has the average in
+    state_dict and the raw weights in current_model_state (compared with a run stopped just before validation)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from diffusion.module import DiffusionModule as Module
+
+    def stop(self, batch, batch_idx):
+        raise SIGTERMException()
+
+    common = [
+        "~callbacks.samples",
+        "optimizer.schedule=constant",
+        "callbacks.model_checkpoint.every_n_train_steps=100",
+        "callbacks.ema.rampup_ratio=null",  # an average that differs clearly from the raw weights at step 3
+    ]
+    run = tmp_path / "run"
+    monkeypatch.setattr(Module, "validation_step", stop)
+    with pytest.raises(SystemExit, match="143"):
+        run_train(
+            run, *common, "trainer.max_steps=4", "trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=3"
+        )
+    state = load_state(run / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 3
+    monkeypatch.undo()
+    reference = tmp_path / "reference"
+    run_train(reference, *common, "trainer.max_steps=3")
+    expected = load_state(reference / "checkpoints" / "last.ckpt")
+    for key in ("state_dict", "current_model_state"):
+        for name, value in expected[key].items():
+            torch.testing.assert_close(state[key][name], value, msg=f"{key}.{name}")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,3 +151,22 @@ def test_the_readme_sweep_runs_from_any_working_directory(tmp_path):
     jobs = sorted(tmp_path.glob("multirun/*/*/*/checkpoints/last.ckpt"))
     assert len(jobs) == 2, list(tmp_path.rglob("*"))[:20]
     assert {load_state(j)["hyper_parameters"]["diffusion"]["schedule"] for j in jobs} == {"linear", "cosine"}
+
+
+def test_an_unwritable_run_folder_is_found_before_training(tmp_path, monkeypatch):
+    """The folders are probed before the first step (root ignores file modes, so the probe itself is made to
+    fail, as it does for a user without write access); the previous checkpoint is untouched."""
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("train.tempfile.TemporaryFile", denied)
+    with pytest.raises(RunError, match=r"cannot write to .*run \(Permission denied\).*hydra.run.dir"):
+        run_train(tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_too_little_disk_space_is_found_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr("train.shutil.disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=10**5))
+    with pytest.raises(RunError, match=r"MB free, too little for this model's checkpoints"):
+        run_train(tmp_path / "run")

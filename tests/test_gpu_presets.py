@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from diffusion.callbacks import SampleGrid
+from diffusion.callbacks import Previews
 from diffusion.module import DiffusionModule
 from diffusion.samplers.base import respaced
 from diffusion.schedules import NoiseSchedule, make_betas
@@ -157,7 +157,7 @@ def test_a_failing_final_preview_leaves_the_final_checkpoint(tmp_path, monkeypat
     def broken(self, trainer, pl_module):
         raise RuntimeError("Expected all tensors to be on the same device")
 
-    monkeypatch.setattr(SampleGrid, "_draw", broken)
+    monkeypatch.setattr(Previews, "_draw", broken)
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"sample preview at step 5 failed .*checkpoints are unaffected"):
         train(compose_config("train", ["debug=smoke", "trainer.max_steps=5"], run))

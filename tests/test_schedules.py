@@ -48,7 +48,7 @@ def test_sigmoid_and_quadratic_schedules_follow_their_definitions():
 @pytest.mark.parametrize("name", ALL)
 def test_tables_are_float64_and_consistent(name):
     schedule = NoiseSchedule(make_betas(name, 1000))
-    assert all(buf.dtype == torch.float64 for n, buf in schedule.named_buffers() if n != "timesteps")
+    assert all(buf.dtype == torch.float64 for n, buf in schedule.named_buffers() if n != "network_timesteps")
     b = schedule.betas
     assert ((b > 0) & (b <= 0.999)).all()
     # independent recomputation of the products, in exact rational steps via log-sums
@@ -125,11 +125,11 @@ def test_respacing_keeps_alpha_bar_at_the_chosen_steps():
     chosen = [0, 3, 40, 41, 400, 999]
     respaced = schedule.respace(chosen)
     torch.testing.assert_close(respaced.alphas_cumprod, schedule.alphas_cumprod[chosen], rtol=1e-12, atol=0)
-    assert respaced.timesteps.tolist() == chosen
+    assert respaced.network_timesteps.tolist() == chosen
     full = schedule.respace(range(1000))
     torch.testing.assert_close(full.betas, schedule.betas, rtol=1e-10, atol=0)
     # respacing a respaced schedule maps back to the network's timesteps
-    assert respaced.respace([1, 4, 5]).timesteps.tolist() == [3, 400, 999]
+    assert respaced.respace([1, 4, 5]).network_timesteps.tolist() == [3, 400, 999]
     for bad in ([], [5, 5], [3, 2], [0, 1000], [-1, 4]):
         with pytest.raises(ValueError):
             schedule.respace(bad)

@@ -25,7 +25,7 @@ class SamplerStep:
 
 
 @dataclass(frozen=True)
-class Grid:
+class StepTable:
     """A respaced schedule as plain float64 numbers, for samplers whose step coefficients are scalars.
 
     Row i of every list belongs to the i-th chosen timestep, increasing; ``t[i]`` is the network timestep.
@@ -35,8 +35,8 @@ class Grid:
     alpha_bar: list[float]
 
     @classmethod
-    def of(cls, schedule: NoiseSchedule) -> Grid:
-        return cls(schedule.timesteps.tolist(), schedule.alphas_cumprod.tolist())
+    def of(cls, schedule: NoiseSchedule) -> StepTable:
+        return cls(schedule.network_timesteps.tolist(), schedule.alphas_cumprod.tolist())
 
     def __len__(self) -> int:
         return len(self.t)

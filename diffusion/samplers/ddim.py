@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from diffusion.samplers.base import Grid, Randomness, SamplerStep, noise_like, respaced, timestep_batch
+from diffusion.samplers.base import Randomness, SamplerStep, StepTable, noise_like, respaced, timestep_batch
 from diffusion.schedules import NoiseSchedule, Spacing
 from diffusion.targets import Denoiser
 
@@ -28,17 +28,17 @@ def ddim_sample(
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"DDIM's eta must lie in [0, 1], got {eta}")
-    grid = Grid.of(respaced(schedule, steps, spacing))
+    table = StepTable.of(respaced(schedule, steps, spacing))
     x = x_T
-    for i in reversed(range(len(grid))):
-        prediction = denoise(x, timestep_batch(grid.t[i], x))
-        a_bar, a_bar_prev = grid.alpha_bar[i], (grid.alpha_bar[i - 1] if i > 0 else 1.0)
+    for i in reversed(range(len(table))):
+        prediction = denoise(x, timestep_batch(table.t[i], x))
+        a_bar, a_bar_prev = table.alpha_bar[i], (table.alpha_bar[i - 1] if i > 0 else 1.0)
         sigma = eta * ((1 - a_bar_prev) / (1 - a_bar) * (1 - a_bar / a_bar_prev)) ** 0.5
         # eq. 12: "predicted x_0" + "direction pointing to x_t" + "random noise"
         x = a_bar_prev**0.5 * prediction.x0 + (1 - a_bar_prev - sigma**2) ** 0.5 * prediction.eps
         if sigma > 0:
             x = x + sigma * noise_like(x, generator)
-        yield SamplerStep(grid.t[i], x, prediction.x0)
+        yield SamplerStep(table.t[i], x, prediction.x0)
 
 
 def ddim_invert(
@@ -51,11 +51,11 @@ def ddim_invert(
     there. :func:`ddim_sample` with eta = 0 and the same ``steps`` and ``spacing`` maps the last state back to x0,
     up to the discretisation error of both directions (which vanishes as steps grow).
     """
-    grid = Grid.of(respaced(schedule, steps, spacing))
-    prediction = denoise(grid.a(0) * x0, timestep_batch(grid.t[0], x0))
-    x = grid.a(0) * x0 + grid.s(0) * prediction.eps
-    yield SamplerStep(grid.t[0], x, prediction.x0)
-    for i in range(1, len(grid)):
-        prediction = denoise(x, timestep_batch(grid.t[i - 1], x))
-        x = grid.a(i) * prediction.x0 + grid.s(i) * prediction.eps
-        yield SamplerStep(grid.t[i], x, prediction.x0)
+    table = StepTable.of(respaced(schedule, steps, spacing))
+    prediction = denoise(table.a(0) * x0, timestep_batch(table.t[0], x0))
+    x = table.a(0) * x0 + table.s(0) * prediction.eps
+    yield SamplerStep(table.t[0], x, prediction.x0)
+    for i in range(1, len(table)):
+        prediction = denoise(x, timestep_batch(table.t[i - 1], x))
+        x = table.a(i) * prediction.x0 + table.s(i) * prediction.eps
+        yield SamplerStep(table.t[i], x, prediction.x0)

@@ -29,7 +29,7 @@ def ddpm_sample(
     variance when it has one and beta otherwise. One network evaluation per step; computes in x_T's dtype.
     """
     schedule = respaced(schedule, steps, spacing)
-    timesteps = schedule.timesteps.tolist()
+    timesteps = schedule.network_timesteps.tolist()
     x = x_T
     for i in reversed(range(len(schedule))):
         row = timestep_batch(i, x)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from diffusion.samplers.base import Grid, Randomness, SamplerStep, respaced, timestep_batch
+from diffusion.samplers.base import Randomness, SamplerStep, StepTable, respaced, timestep_batch
 from diffusion.schedules import NoiseSchedule, Spacing
 from diffusion.targets import Denoiser
 
@@ -31,12 +31,12 @@ def dpm_solver_sample(
     (diffusers' ``lower_order_final``). ``steps`` network evaluations. Deterministic: ``generator`` is unused
     and accepted only so that every sampler takes the same arguments.
     """
-    grid = Grid.of(respaced(schedule, steps, spacing))
-    lam = [math.log(grid.a(i) / grid.s(i)) for i in range(len(grid))]
+    table = StepTable.of(respaced(schedule, steps, spacing))
+    lam = [math.log(table.a(i) / table.s(i)) for i in range(len(table))]
     x = x_T
     x0_prev, h_prev = None, None
-    for i in reversed(range(len(grid))):
-        prediction = denoise(x, timestep_batch(grid.t[i], x))
+    for i in reversed(range(len(table))):
+        prediction = denoise(x, timestep_batch(table.t[i], x))
         if i == 0:
             x = prediction.x0
         else:
@@ -46,6 +46,6 @@ def dpm_solver_sample(
             else:
                 r = h_prev / h
                 D = (1 + 1 / (2 * r)) * prediction.x0 - (1 / (2 * r)) * x0_prev
-            x = (grid.s(i - 1) / grid.s(i)) * x - grid.a(i - 1) * math.expm1(-h) * D
+            x = (table.s(i - 1) / table.s(i)) * x - table.a(i - 1) * math.expm1(-h) * D
             x0_prev, h_prev = prediction.x0, h
-        yield SamplerStep(grid.t[i], x, prediction.x0)
+        yield SamplerStep(table.t[i], x, prediction.x0)

@@ -1,8 +1,8 @@
 """The score-SDE view of a DDPM network (Song et al. 2021, "Score-Based Generative Modeling through SDEs").
 
 A network trained on the discrete schedule is the VP-SDE dx = -1/2 beta(tau) x dtau + sqrt(beta(tau)) dw, with
-score grad log p_t(x) = -eps(x, t) / s_t. On a respaced grid, the integral of beta over the step from row i - 1 to
-row i is B_i = log(alpha_bar_{i-1} / alpha_bar_i), which is what both solvers below use in place of beta dtau.
+score grad log p_t(x) = -eps(x, t) / s_t. On a respaced table, the integral of beta over the step from row i - 1 to
+row i is int_beta_i = log(alpha_bar_{i-1} / alpha_bar_i), which is what both solvers below use in place of beta dtau.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from diffusion.samplers.base import Grid, Randomness, SamplerStep, noise_like, respaced, timestep_batch
+from diffusion.samplers.base import Randomness, SamplerStep, StepTable, noise_like, respaced, timestep_batch
 from diffusion.schedules import NoiseSchedule, Spacing
 from diffusion.targets import Denoiser
 
@@ -57,27 +57,28 @@ def sde_sample(
 ) -> Iterator[SamplerStep]:
     """The reverse VP-SDE (Song et al. 2021, eq. 6),
         dx = [-1/2 beta x - beta grad log p_t(x)] dtau + sqrt(beta) dw-bar,
-    integrated backwards by Euler-Maruyama: x <- x + (x / 2 + score) B_i + sqrt(B_i) z. With ``corrector_steps`` > 0,
-    each predictor step is preceded by Langevin corrector steps (predictor-corrector sampling, Algorithm 1). The
-    last step returns the x_0 prediction (Tweedie's formula) instead of adding noise (the paper's "denoising" step).
+    integrated backwards by Euler-Maruyama: x <- x + (x / 2 + score) int_beta_i + sqrt(int_beta_i) z. With
+    ``corrector_steps`` > 0, each predictor step is preceded by Langevin corrector steps (predictor-corrector
+    sampling, Algorithm 1). The last step returns the x_0 prediction (Tweedie's formula) instead of adding noise
+    (the paper's "denoising" step).
     Network evaluations: steps x (1 + corrector_steps).
     """
     schedule = respaced(schedule, steps, spacing)
-    grid, alphas = Grid.of(schedule), schedule.alphas.tolist()
+    table, alphas = StepTable.of(schedule), schedule.alphas.tolist()
     x = x_T
-    for i in reversed(range(len(grid))):
+    for i in reversed(range(len(table))):
         if corrector_steps:
             x = langevin_correct(
-                denoise, x, grid.t[i], grid.s(i), alphas[i], snr=snr, n_steps=corrector_steps, generator=generator
+                denoise, x, table.t[i], table.s(i), alphas[i], snr=snr, n_steps=corrector_steps, generator=generator
             )
-        prediction = denoise(x, timestep_batch(grid.t[i], x))
+        prediction = denoise(x, timestep_batch(table.t[i], x))
         if i == 0:
             x = prediction.x0
         else:
-            B = math.log(grid.alpha_bar[i - 1] / grid.alpha_bar[i])
-            score = -prediction.eps / grid.s(i)
-            x = x + (0.5 * x + score) * B + math.sqrt(B) * noise_like(x, generator)
-        yield SamplerStep(grid.t[i], x, prediction.x0)
+            int_beta = math.log(table.alpha_bar[i - 1] / table.alpha_bar[i])
+            score = -prediction.eps / table.s(i)
+            x = x + (0.5 * x + score) * int_beta + math.sqrt(int_beta) * noise_like(x, generator)
+        yield SamplerStep(table.t[i], x, prediction.x0)
 
 
 def ode_sample(
@@ -95,16 +96,16 @@ def ode_sample(
     (Karras et al. 2022, eq. 4 and Algorithm 1), which is where the steps are taken; the final step returns the x_0
     prediction at the smallest timestep. Network evaluations: 2 x steps - 1. Deterministic: ``generator`` is unused.
     """
-    grid = Grid.of(respaced(schedule, steps, spacing))
-    sigma = [grid.s(i) / grid.a(i) for i in range(len(grid))]
+    table = StepTable.of(respaced(schedule, steps, spacing))
+    sigma = [table.s(i) / table.a(i) for i in range(len(table))]
     x = x_T
-    for i in reversed(range(len(grid))):
-        prediction = denoise(x, timestep_batch(grid.t[i], x))
+    for i in reversed(range(len(table))):
+        prediction = denoise(x, timestep_batch(table.t[i], x))
         if i == 0:
             x = prediction.x0
         else:
-            y, h = x / grid.a(i), sigma[i - 1] - sigma[i]
+            y, h = x / table.a(i), sigma[i - 1] - sigma[i]
             y_euler = y + h * prediction.eps
-            eps_next = denoise(grid.a(i - 1) * y_euler, timestep_batch(grid.t[i - 1], x)).eps
-            x = grid.a(i - 1) * (y + h * 0.5 * (prediction.eps + eps_next))
-        yield SamplerStep(grid.t[i], x, prediction.x0)
+            eps_next = denoise(table.a(i - 1) * y_euler, timestep_batch(table.t[i - 1], x)).eps
+            x = table.a(i - 1) * (y + h * 0.5 * (prediction.eps + eps_next))
+        yield SamplerStep(table.t[i], x, prediction.x0)
