@@ -12,6 +12,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -24,10 +25,15 @@ from diffusion.evaluation import fid_against, nll_bits_per_dim
 from diffusion.module import DiffusionModule
 from diffusion.reports import results_table
 from diffusion.sampling import Samples, draw
+from diffusion.settings import SampleSettings, check_sample, config_options
 from diffusion.writers import write_gif, write_grid, write_images, write_json, write_npz
 
-OmegaConf.register_new_resolver("parent", lambda path: str(Path(path).parent), replace=True)
-OmegaConf.register_new_resolver("stem", lambda path: Path(path).stem, replace=True)
+ConfigStore.instance().store(name="sample_schema", node=SampleSettings)
+OmegaConf.register_new_resolver("options", config_options, replace=True)  # for --help
+
+# The results folder is named after the checkpoint; without one (an error, said by check_sample) a placeholder.
+OmegaConf.register_new_resolver("parent", lambda path: str(Path(path).parent) if path else ".", replace=True)
+OmegaConf.register_new_resolver("stem", lambda path: Path(path).stem if path else "no_checkpoint", replace=True)
 OmegaConf.register_new_resolver("suffix", lambda text: f"_{text}" if text else "", replace=True)
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -84,7 +90,7 @@ def generate(module: DiffusionModule, cfg: DictConfig, device: torch.device, lab
 
 def dataset_for(hparams: dict[str, Any], cfg: DictConfig) -> DiffusionDataModule:
     """The training run's dataset and split (its seed is in the checkpoint), from ``data_root`` when given."""
-    data = dict(hparams["data"])
+    data = {"strict": False, "background": [255, 255, 255], **hparams["data"]}  # older checkpoints lack these two
     if cfg.data_root is not None:
         data["root"] = cfg.data_root
     return DiffusionDataModule(**data)
@@ -111,12 +117,13 @@ def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, dev
 
     with module.sampling():
         result = nll_bits_per_dim(denoise_for, module.schedule, batches, variance, g)
-    return {**result, "split": cfg.eval.split, "variance": variance}
+    return {**result, "split": datamodule.split_name(cfg.eval.split), "variance": variance}
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generates ``cfg.n`` images, writes grid.png, process.gif and samples.npz (and images/), evaluates when asked,
     and writes results.json; returns the results."""
+    check_sample(OmegaConf.to_container(cfg, resolve=True))
     out = Path(HydraConfig.get().runtime.output_dir)
     if (out / "results.json").exists() and not cfg.overwrite:
         raise RunError(

@@ -10,18 +10,25 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
 from diffusion.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
 from diffusion.data import DiffusionDataModule
 from diffusion.errors import RunError, report_errors
 from diffusion.module import DiffusionModule
+from diffusion.settings import TrainSettings, check_train, config_options
+
+ConfigStore.instance().store(name="train_schema", node=TrainSettings)
+OmegaConf.register_new_resolver("options", config_options, replace=True)  # for --help
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, dict[str, Any]]:
@@ -46,11 +53,23 @@ def checkpoint_to_resume(cfg: DictConfig, hparams: dict[str, Any]) -> str | None
     return str(path)
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Stops with a message on a setting that has no value (``???``) or lies out of its range."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RunError(
+            f"{', '.join(missing)} must be given (it has no default): add it to the command line, e.g. "
+            f"python train.py dataset=folder dataset.root=/path/to/images"
+        )
+    check_train(OmegaConf.to_container(cfg, resolve=True), torch.cuda.is_available())
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Builds the data, model, callbacks, loggers and trainer from ``cfg`` and fits; returns the last metrics.
 
     A run stopped by SIGTERM or Ctrl-C saves its last finished step to ``last.ckpt``, says how to resume, and exits
     with status 128 + the signal's number (143 or 130), as a shell reports a process ended by that signal."""
+    check_settings(cfg)
     seed_everything(cfg.seed, workers=True)
     hparams = hyperparameters(cfg)
     datamodule = DiffusionDataModule(**hparams["data"])
@@ -71,6 +90,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except SIGTERMException:
         stopped_by = getattr(trainer.checkpoint_callback, "signal_received", None) or signal.SIGTERM
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        record_hyperparameters(trainer, hparams, metrics)
     last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
     state = f"stopped by {signal.Signals(stopped_by).name}" if stopped_by else "finished"
     rank_zero_info(
@@ -83,6 +104,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             rank_zero_info(f"Resume with: python train.py {' '.join(resume_overrides())} ckpt_path={last}")
         raise SystemExit(128 + stopped_by)
     return metrics
+
+
+def record_hyperparameters(trainer: Trainer, hparams: dict[str, dict[str, Any]], metrics: dict[str, float]) -> None:
+    """TensorBoard's HPARAMS tab: the run's settings with its final losses and metrics, written at the end (at the
+    start there are no metrics to show, and Lightning's placeholder hp_metric is off)."""
+    shown = {name: value for name, value in metrics.items() if name.startswith(("train/loss", "val/"))}
+    flat = {
+        f"{group}/{key}": value if isinstance(value, int | float | str | bool) else str(value)
+        for group, settings in hparams.items()
+        for key, value in settings.items()
+    }
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and shown:
+            writer = logger.experiment._get_file_writer()  # reopened: Lightning closes it when training ends
+            for summary in tensorboard_hparams(flat, shown):
+                writer.add_summary(summary)
+            writer.flush()
 
 
 def resume_overrides() -> list[str]:

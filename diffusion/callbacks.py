@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from tqdm import tqdm
 
 from diffusion.ema import ema_decay
 from diffusion.errors import RunError
@@ -173,7 +175,8 @@ class Previews(Callback):
         labels, guidance = None, 1.0
         if module.conditional:  # the classes in turn
             labels, guidance = torch.arange(self.num_images) % module.unet.num_classes, self.guidance
-        with module.sampling(), trainer.precision_plugin.forward_context():
+        steps = tqdm(desc=f"preview at step {trainer.global_step}", unit="step", leave=False, file=sys.stderr)
+        with steps, module.sampling(), trainer.precision_plugin.forward_context():
             samples = draw(
                 module.denoiser_for(guidance),
                 module.schedule,
@@ -186,6 +189,7 @@ class Previews(Callback):
                 labels=labels,
                 frames=self.gif_frames,
                 frame_images=self.gif_images,
+                on_step=lambda _: steps.update(1),
             )
         images, frames = samples.images, samples.frames
         stem = self.dirpath / f"step_{trainer.global_step:07d}"
@@ -274,8 +278,9 @@ class FIDMonitor(Callback):
         subset = min(self.kid_subset_size, reference, self.num_samples)
         self.metrics = ImageMetrics(self.feature, kid_subset_size=max(2, subset)).to(pl_module.device)
         shard = {"rank": trainer.global_rank, "world_size": trainer.world_size}
+        batches = datamodule.batches("train", self.batch_size, reference, **shard)
         with torch.inference_mode():
-            for x0, _ in datamodule.batches("train", self.batch_size, reference, **shard):
+            for x0, _ in tqdm(batches, desc="FID: real features", unit="batch", leave=False, file=sys.stderr):
                 self.metrics.update(to_uint8(x0.to(pl_module.device)), real=True)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -290,8 +295,14 @@ class FIDMonitor(Callback):
         except Exception as error:  # an optional extra must not cost the run its weights
             optional_failed(f"FID/KID at epoch {trainer.current_epoch}", "callbacks.fid.every_n_epochs=0", error)
             return
-        pl_module.log("val/fid", values["fid"], sync_dist=False)
-        pl_module.log("val/kid", values["kid"], sync_dist=False)
+        # Straight to the loggers at this step: logged through the module from a batch hook they would reach
+        # TensorBoard only when the step falls on trainer.log_every_n_steps.
+        scores = {"val/fid": values["fid"], "val/kid": values["kid"]}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(scores, step=trainer.global_step)
+        for name, value in scores.items():
+            pl_module.log(name, value, logger=False, sync_dist=False)  # for trainer.callback_metrics
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         assert self.metrics is not None

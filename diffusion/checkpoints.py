@@ -24,6 +24,8 @@ HPARAM_KEYS = ("model", "diffusion", "optimizer", "data")
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint at ``path``, checked to be one of this project's; :class:`RunError` with the reason if not."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise RunError(_unreadable(path, "the file is empty"))
     if not path.is_file():
         raise RunError(
             f"no checkpoint at {path}: the file does not exist. Check the path (runs keep theirs in "
@@ -41,7 +43,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"written by this project's train.py, or re-save the weights you trust as plain tensors."
         ) from None
     except Exception as error:  # garbage makes torch.load raise many kinds: EOFError, IndexError, KeyError, ...
-        raise RunError(_unreadable(path, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")) from None
+        first_line = (str(error).splitlines() or ["(no message)"])[0][:200]
+        raise RunError(_unreadable(path, f"{type(error).__name__}: {first_line}")) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if (
         not isinstance(hparams, dict)

@@ -48,6 +48,8 @@ class DiffusionDataModule(LightningDataModule):
         on_device: hold the whole split as one uint8 tensor on the training device (no loader workers).
         num_workers, pin_memory, persistent_workers: DataLoader settings when not ``on_device``.
         download: download a missing named dataset (torchvision).
+        strict: for ``folder``, stop on an image file that cannot be decoded (else skip it, with a warning).
+        background: for ``folder``, the RGB colour that transparent pixels are composited on.
         seed: seeds the validation split and the shuffling order (with the epoch).
     """
 
@@ -68,6 +70,8 @@ class DiffusionDataModule(LightningDataModule):
         pin_memory: bool,
         persistent_workers: bool,
         download: bool,
+        strict: bool,
+        background: list[int],
         seed: int,
     ) -> None:
         super().__init__()
@@ -82,6 +86,9 @@ class DiffusionDataModule(LightningDataModule):
         self.labels_from_subfolders = labels_from_subfolders
         self.batch_size, self.val_fraction, self.hflip = batch_size, val_fraction, hflip
         self.on_device, self.download, self.seed = on_device, download, seed
+        self.strict, self.background = strict, tuple(background)
+        if len(self.background) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.background):
+            raise RunError(f"dataset.background must be three integers in [0, 255] (RGB), got {list(background)}")
         self.loader_options = dict(
             num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers
         )
@@ -99,9 +106,11 @@ class DiffusionDataModule(LightningDataModule):
             return
         if self.name == "folder":
             files, labels, self.classes = scan_image_folder(self.root, self.labels_from_subfolders)
-            keep = set(check_readable(files))
+            keep = set(check_readable(files, self.strict))
             labels = [label for path, label in zip(files, labels, strict=True) if path in keep]
-            full: ImageTensors | ImageFolder = ImageFolder(sorted(keep), labels, self.image_size, self.channels)
+            full: ImageTensors | ImageFolder = ImageFolder(
+                sorted(keep), labels, self.image_size, self.channels, self.background
+            )
             if self.on_device:
                 full = full.to_tensors(self.classes)
             test = None
@@ -121,6 +130,7 @@ class DiffusionDataModule(LightningDataModule):
         n_val = max(1, round(self.val_fraction * len(full)))
         self.splits = {"train": _subset(full, order[n_val:]), "val": _subset(full, order[:n_val])}
         self.splits["test"] = test if test is not None else self.splits["val"]
+        self.test_is_val = test is None
 
     def _loader(self, split: str, *, shuffle: bool, full_batches: bool) -> ResumableLoader:
         data = self.splits[split]
@@ -153,6 +163,12 @@ class DiffusionDataModule(LightningDataModule):
 
     def test_dataloader(self) -> ResumableLoader:
         return self._loader("test", shuffle=False, full_batches=False)
+
+    def split_name(self, split: str) -> str:
+        """The split that ``split`` really is: ``test`` is the validation split for datasets without a test set
+        (digits, folders)."""
+        self.setup()
+        return "val" if split == "test" and self.test_is_val else split
 
     def split_size(self, split: str) -> int:
         """The number of images in a split (``train``, ``val`` or ``test``)."""
@@ -199,4 +215,5 @@ def _subset(data: ImageTensors | ImageFolder, index: Tensor) -> ImageTensors | I
     if isinstance(data, ImageTensors):
         return data.subset(index)
     idx = index.tolist()
-    return ImageFolder([data.files[i] for i in idx], [data.labels[i] for i in idx], data.image_size, data.channels)
+    files, labels = [data.files[i] for i in idx], [data.labels[i] for i in idx]
+    return ImageFolder(files, labels, data.image_size, data.channels, data.background)

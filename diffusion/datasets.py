@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 from diffusion.errors import RunError
 
@@ -77,10 +80,11 @@ def _mnist_like(kind: str, root: Path, download: bool) -> tuple[ImageTensors, Im
         sets = [cls(str(root), train=train, download=download) for train in (True, False)]
     except RuntimeError as error:
         hint = " (or install Debian's dataset-fashion-mnist package)" if kind == "fashion" else ""
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise RunError(
             f"{cls.__name__} is not in {raw} and "
             f"{'could not be downloaded' if download else 'dataset.download is false'}"
-            f" ({str(error).splitlines()[0]}). Place the four IDX files {', '.join(MNIST_FILES)} (unpacked) in "
+            f" ({reason}). Place the four IDX files {', '.join(MNIST_FILES)} (unpacked) in "
             f"{raw}/{hint}, or run once with internet access and dataset.download=true."
         ) from None
     return tuple(ImageTensors(s.data[:, None].contiguous(), s.targets.long(), list(s.classes)) for s in sets)
@@ -165,15 +169,64 @@ def scan_image_folder(root: Path, labels_from_subfolders: bool) -> tuple[list[Pa
     return files, [index[p.relative_to(root).parts[0]] for p in files], classes
 
 
-def check_readable(files: list[Path]) -> list[Path]:
-    """The files whose image header PIL can read; raises when none can be read, warns about the rest."""
-    readable, bad = [], []
-    for path in files:
+# How each PIL mode becomes 8-bit grayscale or RGB (said once per run for the modes a folder holds).
+CONVERSIONS = {
+    "1": "1-bit: black and white become 0 and 255",
+    "L": "8-bit grayscale: as it is",
+    "P": "palette: its colours",
+    "RGB": "8-bit RGB: as it is",
+    "I;16": "16-bit: scaled to 8 bits (v / 257, rounded)",
+    "I": "32-bit integer, read as 16-bit: scaled to 8 bits (v / 257, rounded)",
+    "F": "32-bit float: clipped to [0, 255]",
+    "CMYK": "CMYK: converted to RGB by PIL",
+    "YCbCr": "YCbCr: converted to RGB by PIL",
+    "LAB": "Lab: converted to RGB by PIL",
+    "HSV": "HSV: converted to RGB by PIL",
+}
+ALPHA = "with transparency: composited on dataset.background"
+
+
+def describe_mode(image: Image.Image) -> str:
+    """How :func:`decode_image` converts an image of this mode (a line of the note logged once per run)."""
+    mode = "I;16" if image.mode.startswith("I;16") else image.mode
+    if _has_alpha(image):
+        return f"{mode}: {ALPHA}"
+    return f"{mode}: {CONVERSIONS.get(mode, 'converted by PIL')}"
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def decode_image(image: Image.Image, channels: int, background: tuple[int, int, int]) -> Image.Image:
+    """An image of any PIL mode as 8-bit grayscale (``channels`` 1) or RGB (3), read faithfully: 16-bit values are
+    scaled to 8 bits rather than clipped (PIL's own conversion clips them, turning a 0..65535 gradient 99% white),
+    and transparent pixels are composited on ``background`` rather than dropped."""
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
+    elif _has_alpha(image):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
+    return image.convert(mode)
+
+
+def check_readable(files: list[Path], strict: bool) -> list[Path]:
+    """Decodes every file once, before training (with a progress bar): returns those that decode whole, and says
+    once how the modes found are converted. Files that cannot be decoded (not images, truncated, corrupt) are
+    listed in one warning and skipped, or, with ``strict``, stop the run; none decoding stops it too."""
+    readable, bad, modes = [], [], {}
+    for path in tqdm(files, desc="checking images", unit="file", file=sys.stderr, disable=len(files) < 500):
         try:
             with Image.open(path) as image:
-                image.size  # noqa: B018  (opening reads only the header)
+                image.load()  # decodes the whole file: a truncated one fails here, not mid-run in a worker
+                modes.setdefault(describe_mode(image), 0)
+                modes[describe_mode(image)] += 1
             readable.append(path)
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
             bad.append((path, error))
     if not readable:
         path, error = bad[0]
@@ -182,7 +235,14 @@ def check_readable(files: list[Path]) -> list[Path]:
             f"Check that they are intact PNG, JPEG or WebP images."
         )
     if bad:
-        warnings.warn(f"skipping {len(bad)} unreadable image file(s), e.g. {bad[0][0]}: {bad[0][1]}", stacklevel=2)
+        listed = "; ".join(f"{p} ({e})" for p, e in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        if strict:
+            raise RunError(
+                f"{len(bad)} image file(s) cannot be decoded: {listed}. Remove or replace them, or set "
+                f"dataset.strict=false to skip them."
+            )
+        warnings.warn(f"skipping {len(bad)} image file(s) that cannot be decoded: {listed}", stacklevel=2)
+    rank_zero_info("Images read: " + "; ".join(f"{count} {how}" for how, count in sorted(modes.items())))
     return readable
 
 
@@ -190,10 +250,11 @@ class ImageFolder(Dataset):
     """Images from files, decoded on access: resized (shorter side) and centre-cropped to ``image_size``,
     converted to grayscale (``channels=1``) or RGB. Items are ``(uint8 (C, H, W), label)``."""
 
-    def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int) -> None:
+    def __init__(
+        self, files: list[Path], labels: list[int], image_size: int, channels: int, background: tuple[int, int, int]
+    ) -> None:
         self.files, self.labels = files, labels
-        self.image_size, self.channels = image_size, channels
-        self.mode = "L" if channels == 1 else "RGB"
+        self.image_size, self.channels, self.background = image_size, channels, tuple(background)
         self.transform = v2.Compose(
             [v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
         )
@@ -204,11 +265,12 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         try:
             with Image.open(self.files[i]) as image:
-                return self.transform(image.convert(self.mode)), self.labels[i]
+                return self.transform(decode_image(image, self.channels, self.background)), self.labels[i]
         except (OSError, UnidentifiedImageError) as error:
             raise RunError(f"could not decode the image {self.files[i]} ({error}); remove or replace it") from None
 
     def to_tensors(self, classes: list[str]) -> ImageTensors:
         """Decodes every image once, for a dataset held in memory."""
-        images = torch.stack([self[i][0] for i in range(len(self))])
+        decoded = tqdm(range(len(self)), desc="decoding images", unit="file", file=sys.stderr, disable=len(self) < 500)
+        images = torch.stack([self[i][0] for i in decoded])
         return ImageTensors(images, torch.tensor(self.labels, dtype=torch.long), classes)

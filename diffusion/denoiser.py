@@ -38,6 +38,8 @@ def network_denoiser(
             larger values trade diversity for fidelity. The conditional and null passes run as one batch. Since
             every target is affine in the output, guiding the output guides x_0 and eps alike.
         null_label: the label the network was trained with for "no class" (needed when guidance != 1).
+
+    The function returned has ``rows_per_image``: images through the network per image denoised (2 with guidance).
     """
     if guidance != 1.0 and labels is None:
         raise ValueError("classifier-free guidance needs class labels: pass labels, or set guidance to 1")
@@ -65,4 +67,5 @@ def network_denoiser(
             eps = eps_from_x0(schedule, x_t, t, x0)
         return Prediction(x0=x0, eps=eps, var_frac=var_frac)
 
+    denoise.rows_per_image = 2 if labels is not None and guidance != 1.0 else 1  # type: ignore[attr-defined]
     return denoise

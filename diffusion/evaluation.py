@@ -83,12 +83,17 @@ def nll_bits_per_dim(
     per term and image. ``denoise_for(labels)`` gives the denoiser for a batch. Returns the mean and its standard
     error over images, with the prior, decoder (t = 0) and KL parts."""
     totals, priors, decoders = [], [], []
+    progress = tqdm(desc="NLL: terms of the bound", unit="term", file=sys.stderr)
     for x0, labels in batches:
-        terms = dict(vlb_terms_bpd(denoise_for(labels), schedule, x0, variance, generator))
+        terms = {}
+        for t, term in vlb_terms_bpd(denoise_for(labels), schedule, x0, variance, generator):
+            terms[t] = term
+            progress.update(1)
         prior = prior_bpd(schedule, x0)
         totals.append(torch.stack(list(terms.values())).sum(0) + prior)
         priors.append(prior)
         decoders.append(terms[0])
+    progress.close()
     if not totals:
         raise RunError("there were no images to evaluate the likelihood on")
     total, prior, decoder = torch.cat(totals).double(), torch.cat(priors).double(), torch.cat(decoders).double()

@@ -61,7 +61,7 @@ class ImageNoise:
 class Samples:
     """images: ``(n, C, H, W)`` uint8 on the CPU. frames: the reverse process of the first ``frame_images`` images,
     each ``(frame_images, C, H, W)`` uint8, evenly spread over the steps, the last being the final images.
-    nfe: network evaluations (calls of the denoiser) per image."""
+    nfe: network evaluations per image: rows through the network (a guided call runs two per image) over n."""
 
     images: Tensor
     frames: list[Tensor]
@@ -109,7 +109,7 @@ def draw(
 
         def counted(x_t: Tensor, t: Tensor, denoise: Denoiser = denoise) -> Prediction:
             nonlocal calls
-            calls += x_t.shape[0]
+            calls += x_t.shape[0] * getattr(denoise, "rows_per_image", 1)
             return denoise(x_t, t)
 
         x_T = noise.randn((len(batch), *shape))

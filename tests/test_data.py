@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from diffusion.data import DiffusionDataModule, random_hflip
 from diffusion.datasets import (
     ImageFolder,
+    check_readable,
     fit_images,
     load_cifar10,
     load_digits,
@@ -39,6 +41,8 @@ def datamodule(**overrides):
         pin_memory=False,
         persistent_workers=False,
         download=False,
+        strict=False,
+        background=[255, 255, 255],
         seed=0,
     )
     settings.update(overrides)
@@ -86,7 +90,7 @@ def test_a_folder_of_mixed_images_becomes_uniform_tensors_with_labels(tmp_path):
     files, labels, classes = scan_image_folder(tmp_path, labels_from_subfolders=True)
     assert classes == ["a", "b"] and labels.count(1) == 6 and {f.suffix for f in files} >= {".png", ".jpg", ".webp"}
     for channels in (1, 3):
-        folder = ImageFolder(files, labels, 24, channels)
+        folder = ImageFolder(files, labels, 24, channels, (255, 255, 255))
         shapes = {tuple(folder[i][0].shape) for i in range(len(folder))}
         assert shapes == {(channels, 24, 24)} and folder[0][0].dtype == torch.uint8
 
@@ -104,7 +108,7 @@ def test_unreadable_files_in_a_folder_are_skipped_with_a_warning(tmp_path):
     write_image_folder(tmp_path, {"a": 3})
     (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
     dm = datamodule(name="folder", root=str(tmp_path), num_classes=None, on_device=True, val_fraction=0.25)
-    with pytest.warns(UserWarning, match="skipping 1 unreadable"):
+    with pytest.warns(UserWarning, match=r"skipping 1 image file\(s\) that cannot be decoded"):
         dm.setup("fit")
     assert len(dm.splits["train"]) + len(dm.splits["val"]) == 3
 
@@ -160,3 +164,70 @@ def test_bad_dataset_settings_are_refused():
     dm = datamodule(num_classes=7)
     with pytest.raises(RunError, match=r"set dataset\.num_classes=10"):
         dm.setup("fit")
+
+
+# ---------------------------------------------------------------- images read as they are
+
+
+def read_folder_image(tmp_path, image, channels=1, background=(255, 255, 255)):
+    """One image saved as PNG and read back through the folder dataset, at its own size: (C, H, W) uint8."""
+    path = tmp_path / "image.png"
+    image.save(path)
+    folder = ImageFolder([path], [0], image.size[0], channels, background)
+    return folder[0][0]
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    gradient = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (64, 1))
+    decoded = read_folder_image(tmp_path, Image.fromarray(gradient))
+    assert len(decoded.unique()) > 60  # PIL's own conversion left 3 levels, 99% white
+    expected = torch.from_numpy((gradient / 257.0).round().astype(np.uint8))
+    assert torch.equal(decoded[0], expected)
+
+
+def test_transparency_is_composited_on_the_background(tmp_path):
+    from PIL import Image
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red, half of it transparent, half opaque
+    rgba[:, :4, 3], rgba[:, 4:, 3] = 0, 255
+    decoded = read_folder_image(tmp_path, Image.fromarray(rgba, mode="RGBA"), channels=3, background=(0, 0, 255))
+    assert decoded[:, 0, 0].tolist() == [0, 0, 255] and decoded[:, 0, 7].tolist() == [200, 0, 0]
+    la = np.stack([np.full((8, 8), 100, np.uint8), np.full((8, 8), 128, np.uint8)], axis=-1)  # half-transparent
+    gray = read_folder_image(tmp_path, Image.fromarray(la, mode="LA"), channels=1, background=(255, 255, 255))
+    assert abs(int(gray[0, 0, 0]) - round(100 * 128 / 255 + 255 * 127 / 255)) <= 1
+
+
+def test_palette_and_1_bit_images_keep_their_colours(tmp_path):
+    from PIL import Image
+
+    palette = Image.new("P", (8, 8))
+    palette.putpalette([10, 20, 30, 250, 240, 230] + [0] * 762)
+    palette.putpixel((0, 0), 1)
+    decoded = read_folder_image(tmp_path, palette, channels=3)
+    assert decoded[:, 0, 0].tolist() == [250, 240, 230] and decoded[:, 1, 1].tolist() == [10, 20, 30]
+    bits = Image.new("1", (8, 8))
+    bits.putpixel((2, 3), 1)
+    decoded = read_folder_image(tmp_path, bits, channels=1)
+    assert decoded[0, 3, 2] == 255 and decoded[0, 0, 0] == 0
+
+
+def test_truncated_files_are_found_before_training_and_skipped_or_refused(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"ok{i}.png")
+        Image.fromarray(pixels).save(folder / f"ok{i}.jpg")
+    (folder / "cut.png").write_bytes((folder / "ok0.png").read_bytes()[:1500])
+    (folder / "cut.jpg").write_bytes((folder / "ok0.jpg").read_bytes()[:700])
+    files, _, _ = scan_image_folder(folder, labels_from_subfolders=False)
+    with pytest.warns(UserWarning, match=r"skipping 2 image file\(s\) that cannot be decoded: .*cut\.jpg.*cut\.png"):
+        kept = check_readable(files, strict=False)
+    assert sorted(p.name for p in kept) == sorted(f"ok{i}.{e}" for i in range(3) for e in ("png", "jpg"))
+    with pytest.raises(RunError, match=r"2 image file\(s\) cannot be decoded: .*dataset.strict=false"):
+        check_readable(files, strict=True)

@@ -84,6 +84,8 @@ def test_conditional_sampling_with_labels_and_guidance(trained, tmp_path):
     guided, plain = (np.load(tmp_path / x / "samples.npz") for x in "gp")
     assert guided["labels"].tolist() == [3, 7, 3, 7, 3, 7]
     assert not np.array_equal(guided["arr_0"], plain["arr_0"])
+    nfe = [json.loads((tmp_path / x / "results.json").read_text())["nfe"] for x in "gp"]
+    assert nfe == [10, 5]  # rows through the network per image: guidance runs the conditional and null passes
 
 
 def test_labels_are_refused_by_an_unconditional_model_and_checked(trained, tmp_path):

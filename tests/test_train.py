@@ -131,18 +131,22 @@ def test_two_cpu_processes_with_ddp_share_one_run_directory_and_the_fid(tmp_path
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
     state = load_state(run / "checkpoints" / "last.ckpt")
     assert state["global_step"] == 4 and len(state["rng_states"]["cpu"]) == 2  # one RNG state per process
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank zero alone writes
+    writers = {p.name.split(".")[-2] for p in (run / "tensorboard").glob("events.out.tfevents.*")}
+    assert len(writers) == 1  # one process (rank zero) alone writes
     assert len(list(tmp_path.iterdir())) == 1  # no second run directory
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {"val/fid", "val/kid"} <= set(events.Tags()["scalars"])
 
 
-def test_help_lists_the_config_groups():
+def test_help_lists_the_groups_each_script_takes():
     result = run_script("train.py", "--help")
     for group in ("dataset", "model", "diffusion", "sampler", "trainer", "callbacks", "logger", "experiment"):
-        assert f"{group}:" in result.stdout
-    assert "digits, fashion, folder" in result.stdout or "cifar, digits, fashion, folder, mnist" in result.stdout
+        assert f"  {group}:" in result.stdout
+    assert "dataset: cifar, digits, fashion, folder, mnist" in result.stdout and "  eval:" not in result.stdout
+    result = run_script("sample.py", "--help")
+    assert "  sampler: ddim, ddpm, dpm_solver, ode, sde" in result.stdout and "  eval: fid, nll" in result.stdout
+    assert "  dataset:" not in result.stdout and "  diffusion:" not in result.stdout
 
 
 # ---------------------------------------------------------------- bad input: one-paragraph messages
@@ -230,3 +234,38 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     state = load_state(run / "checkpoints" / "last.ckpt")
     assert all(torch.isfinite(v).all() for v in state["current_model_state"].values())
     assert state["global_step"] < 40
+
+
+def test_tensorboard_holds_the_hyperparameters_and_the_training_fid(tmp_path):
+    """With the default log_every_n_steps (25), a 7-step run still records its FID/KID (computed at the end of its
+    one epoch of 7 batches, step 7) and the HPARAMS tab: the settings, with the final losses as its metrics."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run = tmp_path / "run"
+    train(
+        compose_config(
+            "train",
+            [
+                "debug=smoke",
+                "~callbacks.samples",
+                "trainer.log_every_n_steps=25",
+                "dataset.batch_size=256",
+                "trainer.max_steps=7",
+                "callbacks.fid.every_n_epochs=1",
+                "callbacks.fid.num_samples=8",
+                "callbacks.fid.steps=2",
+                "callbacks.fid.batch_size=8",
+                "callbacks.fid.reference_images=32",
+                TINY_FEATURES,
+            ],
+            run,
+        )
+    )
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/fid")] == [7] and events.Scalars("val/kid")
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["optimizer/lr"].number_value == pytest.approx(1e-3)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {"train/loss", "val/fid"} <= {m.name.tag for m in experiment.metric_infos}
