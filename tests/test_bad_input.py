@@ -111,3 +111,14 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, script, argument
     result = run_script(script, *arguments, where)
     assert result.returncode == 1 and "Traceback" not in result.stderr and fragment in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_value_error_inside_a_library_keeps_its_traceback():
+    """Only the project's own checks become one-paragraph errors; a ValueError raised inside a library is a bug."""
+    from diffusion.errors import report_errors
+    from diffusion.schedules import make_betas
+
+    with pytest.raises(SystemExit):
+        report_errors(lambda: make_betas("wavy", 100))()  # the project's check: reported
+    with pytest.raises(ValueError, match="invalid literal"):
+        report_errors(lambda: int("abc"))()  # Python's own: raised, with its traceback

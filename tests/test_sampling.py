@@ -111,6 +111,7 @@ def test_the_preview_equals_sample_py_from_the_same_checkpoint_and_seed(tmp_path
     run = tmp_path / "run"
     train(compose_config("train", ["debug=smoke", "trainer.max_steps=5", "callbacks.samples.num_images=9"], run))
     preview = iio.imread(run / "samples" / "step_0000005.png")
-    overrides = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler.steps=4", "n=9", "batch_size=4", "grid_images=9"]
+    overrides = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddpm", "sampler.steps=4", "n=9", "batch_size=4"]
+    overrides.append("grid_images=9")
     sample(compose_config("sample", overrides, tmp_path / "sampled"))
     assert (iio.imread(tmp_path / "sampled" / "grid.png") == preview).all()
