@@ -195,7 +195,8 @@ class Previews(Callback):
         stem = self.dirpath / f"step_{trainer.global_step:07d}"
         picture = grid_image(images.cpu())
         write_png(picture, stem.with_suffix(".png"))
-        write_gif(frames, stem.with_suffix(".gif"))
+        if frames:  # gif_frames=0: no GIF
+            write_gif(frames, stem.with_suffix(".gif"))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples/grid", picture, trainer.global_step, dataformats="HWC")
