@@ -1,0 +1,325 @@
+"""Sample quality at equal compute: this project (through train.py and sample.py) against lucidrains'
+denoising-diffusion-pytorch in a plain loop, on Fashion-MNIST, scored on the features of a small classifier.
+
+    python benchmarks/quality.py --device cuda --seconds 150                  # one GPU command, both systems
+    python benchmarks/quality.py --device cuda --steps 2000                   # equal steps instead of equal time
+    python benchmarks/quality.py --device cpu --seconds 1200 --samples 1000   # each system on its own pinned core
+    python benchmarks/quality.py --seconds 30 --samples 200 -- model=tiny     # a smoke run (after --: train.py's)
+
+Both systems train on the Fashion-MNIST files of Debian's ``dataset-fashion-mnist`` at batch 128 (``--batch``) and
+this project's learning rate for ``experiment=fashion``: on a GPU one after the other, on a CPU both at once, each
+pinned to one core with one thread. The time budget counts from the start of each training process, so
+compilation and start-up count as they do for a user. lucidrains' library runs with its own defaults
+(``Unet(dim=64, dim_mults=(1, 2, 4))``, v-prediction, sigmoid schedule, Adam betas (0.9, 0.99), clipping at 1,
+``EMA(beta=0.995, update_every=10)``) at 28x28; this project with ``experiment=fashion`` and any overrides given.
+
+Each system then draws ``--samples`` images with DDIM-50 from seed 0 (this project's images do not depend on the batch
+size; lucidrains' are drawn in fixed batches from a seeded global generator). They are scored at 28x28 against
+the Fashion-MNIST test set on the penultimate features of a classifier that this script trains once, seeded, and
+keeps in ``--cache`` (so the cache can travel to a GPU machine):
+FID and KID (torchmetrics), precision and recall (Kynkaenniemi et al. 2019, k = 3), the class histogram of the
+samples, and the noise of each FID (the FIDs of two disjoint halves of the samples). The same scores for real
+held-out images (half of the test set against the other half) are the floor. It writes ``--out`` (JSON) and a PNG
+of both systems' first 64 samples side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffusion.datasets import load_fashion  # noqa: E402
+from diffusion.evaluation import ImageMetrics  # noqa: E402
+from diffusion.writers import grid_image, write_png  # noqa: E402
+
+LR = 2e-4  # experiment=fashion's learning rate, used for both systems
+
+
+# ---------------------------------------------------------------- the data and the classifier
+
+
+def fashion(data_root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train and test images ``(N, 1, 28, 28)`` uint8 with their labels, from Debian's files."""
+    train, test = load_fashion(data_root, False)
+    return train.images, train.labels, test.images, test.labels
+
+
+class Classifier(nn.Module):
+    """A small CNN for 28x28 Fashion-MNIST; its 128-d penultimate layer gives the features of the scores.
+    ``forward`` takes uint8 ``(N, 1 or 3, 28, 28)`` and returns features, as torchmetrics' feature networks do."""
+
+    num_features = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(128, 10)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        x = images[:, :1].float() / 127.5 - 1.0
+        return self.body(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
+def classifier(cache: Path, data: tuple, device: torch.device) -> tuple[Classifier, float]:
+    """The classifier trained once (2 epochs of Adam, seed 0) and cached; returns it with its test accuracy."""
+    path = cache / "fashion_classifier.pt"
+    net = Classifier().to(device)
+    if path.is_file():
+        saved = torch.load(path, map_location=device, weights_only=True)
+        net.load_state_dict(saved["state_dict"])
+        return net.eval(), float(saved["test_accuracy"])
+    train_x, train_y, test_x, test_y = data
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for epoch in range(2):
+        order = torch.randperm(len(train_x))
+        for start in range(0, len(order), 256):
+            index = order[start : start + 256]
+            logits = net.head(net.features(train_x[index].to(device)))
+            loss = F.cross_entropy(logits, train_y[index].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print(f"classifier epoch {epoch + 1}: loss {loss.item():.3f}", flush=True)
+    net.eval()
+    accuracy = float((predict(net, test_x, device) == test_y).float().mean())
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": net.state_dict(), "test_accuracy": accuracy}, path)
+    return net, accuracy
+
+
+@torch.inference_mode()
+def predict(net: Classifier, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.cat([net.head(net.features(b.to(device))).argmax(1).cpu() for b in images.split(500)])
+
+
+@torch.inference_mode()
+def features(net: Classifier, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.cat([net.features(b.to(device)).double().cpu() for b in images.split(500)])
+
+
+# ---------------------------------------------------------------- the scores
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Kynkaenniemi et al. 2019: a fake sample counts toward precision when it lies inside the k-NN ball of some
+    real sample; recall swaps the roles."""
+
+    def radii(x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # the point itself is its own nearest neighbour
+
+    def covered(points: torch.Tensor, centres: torch.Tensor, r: torch.Tensor) -> float:
+        return float((torch.cdist(points, centres) <= r[None]).any(1).float().mean())
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def scores(net: Classifier, images: torch.Tensor, reference: torch.Tensor, device: torch.device) -> dict:
+    """FID, KID, precision, recall and the class histogram of uint8 ``images`` against ``reference``, plus the
+    FIDs of the two halves of the images (their spread is the noise of the FID)."""
+
+    def fid_kid(fake: torch.Tensor) -> dict[str, float]:
+        metrics = ImageMetrics(net, kid_subset_size=min(1000, len(fake), len(reference))).to(device)
+        for batch in reference.split(500):
+            metrics.update(batch.to(device), real=True)
+        for batch in fake.split(500):
+            metrics.update(batch.to(device), real=False)
+        return metrics.compute()
+
+    whole = fid_kid(images)
+    halves = [fid_kid(images[: len(images) // 2])["fid"], fid_kid(images[len(images) // 2 :])["fid"]]
+    precision, recall = precision_recall(features(net, reference, device), features(net, images, device))
+    classes = torch.bincount(predict(net, images, device), minlength=10)
+    return {
+        "fid": whole["fid"],
+        "kid": whole["kid"],
+        "fid_halves": halves,
+        "precision": precision,
+        "recall": recall,
+        "class_histogram": classes.tolist(),
+    }
+
+
+# ---------------------------------------------------------------- the two systems
+
+
+def train_ours(args: argparse.Namespace, run: Path, overrides: list[str]) -> list[str]:
+    """The command that trains this project, as a user runs it."""
+    budget = (
+        [f"+trainer.max_time=00:00:{args.seconds // 60:02d}:{args.seconds % 60:02d}", "trainer.max_steps=10000000"]
+        if args.steps is None
+        else [f"trainer.max_steps={args.steps}"]
+    )
+    return [
+        sys.executable, str(ROOT / "train.py"), "experiment=fashion", f"dataset.root={run / 'data'}",
+        "dataset.download=false", f"dataset.batch_size={args.batch}", f"optimizer.lr={LR}",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        *(["trainer=gpu"] if args.device == "cuda" else []), *budget, *overrides, f"hydra.run.dir={run}",
+    ]  # fmt: skip
+
+
+def sample_ours(args: argparse.Namespace, run: Path) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "sample.py"), f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddim",
+        "sampler.steps=50", f"n={args.samples}", f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0",
+        f"device={args.device}", f"out_dir={run / 'samples_ddim50'}",
+    ]  # fmt: skip
+
+
+def lucidrains_worker(args: argparse.Namespace) -> None:
+    """Trains lucidrains' model in a plain loop for the budget, then draws the samples (a subprocess)."""
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    from ema_pytorch import EMA
+
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    run = Path(args.worker_dir)
+    images = fashion(run / "data")[0].float().div(255)  # [0, 1]: the library normalises itself
+    torch.manual_seed(0)
+    model = Unet(dim=64, dim_mults=(1, 2, 4), channels=1)
+    diffusion = GaussianDiffusion(model, image_size=28, timesteps=1000, sampling_timesteps=50).to(device)
+    ema = EMA(diffusion, beta=0.995, update_every=10).to(device)
+    optimizer = torch.optim.Adam(diffusion.parameters(), lr=LR, betas=(0.9, 0.99))
+    images = images.to(device)
+    steps = 0
+    while (time.perf_counter() - start < args.seconds) if args.steps is None else steps < args.steps:
+        batch = images[torch.randint(0, len(images), (args.batch,), device=device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = diffusion(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(diffusion.parameters(), 1.0)
+        optimizer.step()
+        ema.update()
+        steps += 1
+    trained = time.perf_counter() - start
+    torch.manual_seed(0)
+    batch = 500 if device.type == "cuda" else 100
+    with torch.inference_mode():
+        drawn = [ema.ema_model.sample(batch_size=min(batch, args.samples - s)) for s in range(0, args.samples, batch)]
+    samples = (torch.cat(drawn).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    torch.save({"images": samples, "steps": steps, "seconds": trained}, run / "samples.pt")
+
+
+def launch(command: list[str], core: int | None, log: Path) -> subprocess.Popen:
+    """A subprocess, pinned to one core with one thread when ``core`` is given (the CPU mode)."""
+    env = dict(os.environ)
+    if core is not None:
+        command = ["taskset", "-c", str(core), *command]
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def finish(process: subprocess.Popen, what: str, log: Path) -> None:
+    if process.wait() != 0:
+        raise SystemExit(f"{what} failed; its output is in {log}:\n{log.read_text()[-3000:]}")
+
+
+def run_pair(args: argparse.Namespace, overrides: list[str]) -> dict:
+    """Trains and samples both systems; returns their uint8 images and training figures."""
+    work = args.work
+    ours, theirs = work / "ours", work / "lucidrains"
+    for folder in (ours, theirs):
+        folder.mkdir(parents=True, exist_ok=True)
+    worker = [sys.executable, __file__, "--worker-dir", str(theirs), "--device", args.device]
+    worker += ["--batch", str(args.batch), "--samples", str(args.samples), "--seconds", str(args.seconds)]
+    worker += ["--steps", str(args.steps)] if args.steps else []
+    cpu = args.device == "cpu"
+    started = time.perf_counter()
+    a = launch(train_ours(args, ours, overrides), 0 if cpu else None, work / "ours_train.log")
+    if not cpu:
+        finish(a, "train.py", work / "ours_train.log")
+    b = launch(worker, 1 if cpu else None, work / "lucidrains.log")
+    if cpu:
+        finish(a, "train.py", work / "ours_train.log")
+    sampling = launch(sample_ours(args, ours), 0 if cpu else None, work / "ours_sample.log")
+    finish(sampling, "sample.py", work / "ours_sample.log")
+    finish(b, "lucidrains", work / "lucidrains.log")
+    mine = torch.from_numpy(np.load(ours / "samples_ddim50" / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+    state = torch.load(ours / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    other = torch.load(theirs / "samples.pt", weights_only=True)
+    return {
+        "ours": {"images": mine, "steps": state["global_step"]},
+        "lucidrains": {"images": other["images"], "steps": other["steps"], "train_seconds": other["seconds"]},
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seconds", type=int, default=150, help="equal wall-clock budget per system")
+    parser.add_argument("--steps", type=int, default=None, help="equal steps instead of equal time")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "quality")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    overrides = [o for o in overrides if o != "--"]
+    if args.worker_dir:
+        return lucidrains_worker(args)
+    device = torch.device(args.device)
+    data_root = args.work / "ours" / "data"
+    data = fashion(data_root)
+    net, accuracy = classifier(args.cache, data, device)
+    print(f"classifier test accuracy: {accuracy:.4f}", flush=True)
+    results = run_pair(args, overrides)
+    test = data[2]
+    reference, held_out = test[: len(test) // 2], test[len(test) // 2 :][: args.samples]
+    report = {
+        "device": args.device,
+        "budget": {"seconds": args.seconds} if args.steps is None else {"steps": args.steps},
+        "batch": args.batch,
+        "samples": args.samples,
+        "overrides": overrides,
+        "classifier_test_accuracy": accuracy,
+        "real_floor": scores(net, held_out, reference, device),
+        "wall_seconds": results["wall_seconds"],
+    }
+    for name in ("ours", "lucidrains"):
+        images = results[name]["images"]
+        if images.shape[-1] != 28:  # experiment=fashion trains at 32x32
+            images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True)
+            images = images.round().clamp(0, 255).to(torch.uint8)
+        report[name] = {**scores(net, images, reference, device), "steps": results[name]["steps"]}
+        results[name]["images"] = images
+    report["fid_ratio_ours_over_lucidrains"] = report["ours"]["fid"] / report["lucidrains"]["fid"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    side = [grid_image(results[name]["images"][:64]) for name in ("ours", "lucidrains")]
+    gap = np.full((side[0].shape[0], 16, 3), 255, dtype=np.uint8)
+    write_png(np.concatenate([side[0], gap, side[1]], axis=1), args.out.with_suffix(".png"))
+    for name in ("real_floor", "ours", "lucidrains"):
+        r = report[name]
+        print(
+            f"{name:>11}: FID {r['fid']:8.3f} (halves {r['fid_halves'][0]:.3f}, {r['fid_halves'][1]:.3f}) "
+            f"KID {r['kid']:.4f} precision {r['precision']:.3f} recall {r['recall']:.3f}"
+            + (f" steps {r['steps']}" if "steps" in r else "")
+        )
+    print(f"FID ours / lucidrains: {report['fid_ratio_ours_over_lucidrains']:.3f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
