@@ -10,8 +10,9 @@ Both systems train on the Fashion-MNIST files of Debian's ``dataset-fashion-mnis
 this project's learning rate for ``experiment=fashion``: on a GPU one after the other, on a CPU both at once, each
 pinned to one core with one thread. The time budget counts from the start of each training process, so
 compilation and start-up count as they do for a user. lucidrains' library runs with its own defaults
-(``Unet(dim=64, dim_mults=(1, 2, 4))``, v-prediction, sigmoid schedule, Adam betas (0.9, 0.99), clipping at 1,
-``EMA(beta=0.995, update_every=10)``) at 28x28; this project with ``experiment=fashion`` and any overrides given.
+(``Unet(dim=64, dim_mults=(1, 2, 4))``, or dim 32 on a CPU, v-prediction, sigmoid schedule, Adam betas (0.9, 0.99),
+clipping at 1, ``EMA(beta=0.995, update_every=10)``) at 28x28; this project with ``experiment=fashion`` and any
+overrides given.
 
 Each system then draws ``--samples`` images with DDIM-50 from seed 0 (this project's images do not depend on the batch
 size; lucidrains' are drawn in fixed batches from a seeded global generator). They are scored at 28x28 against
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -196,7 +198,7 @@ def lucidrains_worker(args: argparse.Namespace) -> None:
     run = Path(args.worker_dir)
     images = fashion(run / "data")[0].float().div(255)  # [0, 1]: the library normalises itself
     torch.manual_seed(0)
-    model = Unet(dim=64, dim_mults=(1, 2, 4), channels=1)
+    model = Unet(dim=args.lucidrains_dim, dim_mults=(1, 2, 4), channels=1)
     diffusion = GaussianDiffusion(model, image_size=28, timesteps=1000, sampling_timesteps=50).to(device)
     ema = EMA(diffusion, beta=0.995, update_every=10).to(device)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=LR, betas=(0.9, 0.99))
@@ -241,8 +243,11 @@ def run_pair(args: argparse.Namespace, overrides: list[str]) -> dict:
     ours, theirs = work / "ours", work / "lucidrains"
     for folder in (ours, theirs):
         folder.mkdir(parents=True, exist_ok=True)
+    for stale in (ours / "checkpoints", ours / "samples_ddim50", ours / "tensorboard", ours / "samples"):
+        shutil.rmtree(stale, ignore_errors=True)  # an earlier run's results (the data stays)
     worker = [sys.executable, __file__, "--worker-dir", str(theirs), "--device", args.device]
     worker += ["--batch", str(args.batch), "--samples", str(args.samples), "--seconds", str(args.seconds)]
+    worker += ["--lucidrains-dim", str(args.lucidrains_dim)]
     worker += ["--steps", str(args.steps)] if args.steps else []
     cpu = args.device == "cpu"
     started = time.perf_counter()
@@ -271,6 +276,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=150, help="equal wall-clock budget per system")
     parser.add_argument("--steps", type=int, default=None, help="equal steps instead of equal time")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lucidrains-dim", type=int, default=None, help="its Unet's dim; default 64 (GPU), 32 (CPU)")
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "quality")
@@ -278,6 +284,7 @@ def main() -> None:
     parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
+    args.lucidrains_dim = args.lucidrains_dim or (64 if args.device == "cuda" else 32)
     if args.worker_dir:
         return lucidrains_worker(args)
     device = torch.device(args.device)
@@ -292,6 +299,7 @@ def main() -> None:
         "device": args.device,
         "budget": {"seconds": args.seconds} if args.steps is None else {"steps": args.steps},
         "batch": args.batch,
+        "lucidrains_dim": args.lucidrains_dim,
         "samples": args.samples,
         "overrides": overrides,
         "classifier_test_accuracy": accuracy,
