@@ -210,8 +210,9 @@ def check_train(settings: dict, cuda_available: bool) -> None:
         _integer(settings, "callbacks.samples.gif_frames", 0, "0 writes no GIF, e.g. callbacks.samples.gif_frames=40")
         if samples.get("steps") is not None:
             _integer(settings, "callbacks.samples.steps", 1, "or null for the sampler's own")
-        if not samples["guidance"] >= 0:
-            _fail("callbacks.samples.guidance", samples["guidance"], "is negative", "1 is no guidance, e.g. 3.0")
+        guidance = samples["guidance"]
+        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not guidance >= 0:
+            _fail("callbacks.samples.guidance", guidance, "is not a number >= 0", "1 is no guidance, e.g. 3.0")
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not cuda_available:
         _fail(
