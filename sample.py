@@ -135,6 +135,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     module.compile_network, module.channels_last = cfg.compile, cfg.channels_last
     if cfg.clip_x0 is not None:
         module.diffusion["clip_x0"] = cfg.clip_x0
+    module.diffusion["dynamic_threshold"] = cfg.dynamic_threshold
     if cfg.channels_last:
         module.unet.to(memory_format=torch.channels_last)
     module.to(device)
@@ -166,6 +167,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "guidance": cfg.guidance,
         "eta": cfg.sampler.get("eta"),
         "clip_x0": module.diffusion["clip_x0"],
+        "dynamic_threshold": cfg.dynamic_threshold,
         "device": str(device),
         "precision": str(cfg.precision),
     }

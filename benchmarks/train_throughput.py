@@ -8,7 +8,8 @@ machine's measured peak each reaches.
 Every model trains under the same step (fp32 unless --precision bf16: forward, MSE loss, backward, fused AdamW) on
 a fixed batch of 32x32x3 images; the runs are interleaved and the medians reported. GFLOP/img is the forward pass
 counted by ``torch.utils.flop_counter`` (training is 3x that). The peak is the best of large matmuls and of
-conv2d at the UNet's own layer shapes, measured on this machine in the same run. A last table times a step fed by
+conv2d at the UNet's own layer shapes, measured on this machine in the same run in the run's dtype (bf16 with
+--precision bf16). A last table times a step fed by
 the project's device-held data loader against one on a ready-made batch.
 """
 
@@ -35,14 +36,14 @@ def ours(preset: str) -> torch.nn.Module:
     return UNet(image_size=32, in_channels=3, num_classes=None, learned_variance=False, **settings)
 
 
-def diffusers_ddpm(width: int) -> torch.nn.Module:
+def diffusers_ddpm(width: int, channels: int = 3) -> torch.nn.Module:
     """diffusers' UNet2DModel laid out like the DDPM CIFAR-10 network (google/ddpm-cifar10-32) at ``width``."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
         sample_size=32,
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=2,
         block_out_channels=(width, 2 * width, 2 * width, 2 * width),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -67,7 +68,7 @@ class Case:
 
     def __init__(self, name, model, batch, device, *, precision="fp32", channels_last=False, compile=False):
         torch.manual_seed(0)
-        self.name, self.batch, self.device = name, batch, device
+        self.name, self.batch, self.device, self.precision = name, batch, device, precision
         self.model = model.to(device)
         self.x = torch.randn(batch, 3, 32, 32, device=device)
         self.t = torch.randint(0, 1000, (batch,), device=device)
@@ -91,7 +92,7 @@ class Case:
         self.optimizer.step()
 
 
-def conv_shapes(models: list[torch.nn.Module], batch: int, device: torch.device) -> set[tuple]:
+def conv_shapes(models: list[torch.nn.Module], batch: int, device: torch.device, channels: int = 3) -> set[tuple]:
     """(in, out, kernel, stride, padding, H, W) of every Conv2d the models run on 32x32 inputs."""
     shapes: set[tuple] = set()
 
@@ -102,18 +103,21 @@ def conv_shapes(models: list[torch.nn.Module], batch: int, device: torch.device)
     for model in models:
         hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         with torch.no_grad():
-            forward(model, torch.randn(1, 3, 32, 32, device=device), torch.zeros(1, dtype=torch.long, device=device))
+            x = torch.randn(1, channels, 32, 32, device=device)
+            forward(model, x, torch.zeros(1, dtype=torch.long, device=device))
         for hook in hooks:
             hook.remove()
     return shapes
 
 
-def measure_peak(shapes: set[tuple], batch: int, device: torch.device, channels_last: bool) -> dict[str, float]:
-    """GFLOP/s of the best conv2d forward at the UNet's shapes and of the best large square matmul."""
-    dtype = torch.float32
+def measure_peak(
+    shapes: set[tuple], batch: int, device: torch.device, channels_last: bool, dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
+    """GFLOP/s of the best conv2d forward at the UNet's shapes and of the best large square matmul, in ``dtype``
+    (the dtype the run computes in: bfloat16 under bf16 autocast, where a GPU's peak is many times its fp32 one)."""
     conv_best = 0.0
     for c_in, c_out, k, stride, pad, h, w in sorted(shapes):
-        conv = torch.nn.Conv2d(c_in, c_out, k, stride, pad).to(device)
+        conv = torch.nn.Conv2d(c_in, c_out, k, stride, pad).to(device, dtype)
         x = torch.randn(batch, c_in, h, w, device=device, dtype=dtype)
         if channels_last:
             conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -123,10 +127,15 @@ def measure_peak(shapes: set[tuple], batch: int, device: torch.device, channels_
         conv_best = max(conv_best, flops / seconds / 1e9)
     matmul_best = 0.0
     for n in (1024, 2048) if device.type == "cpu" else (4096, 8192):
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         seconds = interleaved({"mm": lambda a=a, b=b: a @ b}, device, rounds=1, per_round=5)["mm"]
         matmul_best = max(matmul_best, 2 * n**3 / seconds / 1e9)
-    return {"conv2d_gflops": conv_best, "matmul_gflops": matmul_best, "peak_gflops": max(conv_best, matmul_best)}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "conv2d_gflops": conv_best,
+        "matmul_gflops": matmul_best,
+        "peak_gflops": max(conv_best, matmul_best),
+    }
 
 
 def data_pipeline_overhead(case: Case, device: torch.device, rounds: int, per_round: int) -> dict[str, float]:
@@ -204,7 +213,12 @@ def main() -> None:
     for case in small + large:  # warm-up, and compilation where asked
         for _ in range(2):
             case.step()
-    peak = measure_peak(conv_shapes([small[0].model, large[0].model], args.batch, device), args.batch, device, False)
+    shapes = conv_shapes([small[0].model, large[0].model], args.batch, device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {  # each row's fraction is of the peak in the dtype it computes in
+        p: measure_peak(shapes, args.batch, device, False, dtypes[p])
+        for p in sorted({c.precision for c in small + large})
+    }
     rows = []
     for group in (small, large):
         seconds = interleaved({c.name: c.step for c in group}, device, rounds, per_round)
@@ -221,7 +235,8 @@ def main() -> None:
                     "img_per_s": images_per_second,
                     "vs_diffusers": reference / seconds[case.name],
                     "train_GFLOP_per_s": achieved,
-                    "percent_of_peak": 100 * achieved / peak["peak_gflops"],
+                    "precision": case.precision,
+                    "percent_of_peak": 100 * achieved / peaks[case.precision]["peak_gflops"],
                 }
             )
     pipeline = data_pipeline_overhead(small[0], device, rounds, per_round)
@@ -233,11 +248,13 @@ def main() -> None:
         "img_per_s",
         "vs_diffusers",
         "train_GFLOP_per_s",
+        "precision",
         "percent_of_peak",
     ]
     info = machine(device)
     print(f"\nTraining throughput, {args.precision}, {info}")
-    print(f"Peak: conv2d {peak['conv2d_gflops']:.1f} GFLOP/s, matmul {peak['matmul_gflops']:.1f} GFLOP/s")
+    for p, peak in peaks.items():
+        print(f"Peak {p}: conv2d {peak['conv2d_gflops']:.1f} GFLOP/s, matmul {peak['matmul_gflops']:.1f} GFLOP/s")
     print(table(rows, columns))
     print(
         f"\nData pipeline: a step fed by the device-held loader takes {pipeline['loader'] * 1000:.1f} ms against "
@@ -249,7 +266,7 @@ def main() -> None:
             "machine": info,
             "precision": args.precision,
             "quick": args.quick,
-            "peak": peak,
+            "peaks": peaks,
             "rows": rows,
             "data_pipeline": pipeline,
         },

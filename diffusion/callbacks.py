@@ -43,7 +43,12 @@ class EMA(WeightAveraging):
       validation and the checkpoint's ``state_dict``.
     - The average lives on the training device: Lightning calls callback ``setup`` before it moves the model, so the
       parent would keep the copy on the CPU and copy every parameter there after each GPU step.
-    - One fused ``_foreach_lerp_`` per update over all parameters.
+    - The update never waits for the device. ``AveragedModel.update_parameters`` tests its step counter, a tensor
+      on the training device, twice per update (a host-device synchronisation on a GPU), regroups the parameters by
+      device and dtype and copies every buffer. Here the parameter lists are gathered once and each update is one
+      fused ``_foreach_lerp_`` (``_foreach_copy_`` at the first step), with beta a Python float.
+      Buffers are neither averaged nor copied at each step: this model's are the noise schedule's constant tables,
+      which the average's copy holds from the start (a network with running statistics would need them copied).
 
     Every process updates its own copy from the same synchronised weights with the same beta (the images per step
     are the global batch: batch size x processes x accumulation), so under DDP the averages stay identical.
@@ -57,18 +62,17 @@ class EMA(WeightAveraging):
         if rampup_ratio is not None and rampup_ratio <= 0:
             raise RunError(f"callbacks.ema.rampup_ratio must be positive (or null for no warm-up), got {rampup_ratio}")
         ema_decay(0, 1, half_life_images, rampup_ratio)  # validates
-        super().__init__(use_buffers=False, multi_avg_fn=self._lerp)
+        super().__init__(use_buffers=False)
         self.half_life_images, self.rampup_ratio = half_life_images, rampup_ratio
         self.beta = 0.0
         self._swapped = False
-
-    def _lerp(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        torch._foreach_lerp_(averaged, current, 1.0 - self.beta)
+        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._device is None:
             self._device = trainer.strategy.root_device
         super().setup(trainer, pl_module, stage)
+        self._pairs = None
         if isinstance(pl_module, DiffusionModule) and self.averaged_module is not None:
             pl_module.offer_weights_for_sampling(self.averaged_module)
 
@@ -77,9 +81,26 @@ class EMA(WeightAveraging):
             pl_module.offer_weights_for_sampling(None)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args) -> None:
+        # once per optimizer step (with gradient accumulation, batches that did not step leave global_step alone)
+        if self._average_model is None or trainer.global_step <= self._latest_update_step:
+            return
         images = len(batch[0]) * trainer.world_size * trainer.accumulate_grad_batches  # this step's global batch
         self.beta = ema_decay((trainer.global_step - 1) * images, images, self.half_life_images, self.rampup_ratio)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+        self.update(pl_module)
+        self._latest_update_step = trainer.global_step
+
+    def update(self, pl_module: LightningModule) -> None:
+        """avg <- beta avg + (1 - beta) w over all parameters at once; no host-device synchronisation."""
+        assert self._average_model is not None
+        if self._pairs is None:
+            averaged, current = list(self._average_model.module.parameters()), list(pl_module.parameters())
+            self._pairs = ([p.detach() for p in averaged], [p.detach() for p in current])
+        averaged, current = self._pairs
+        if self._latest_update_step == 0 or self.beta == 0.0:  # the first update of the run copies, as Lightning's
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(averaged, current, 1.0 - self.beta)
+        self._average_model.n_averaged += 1  # kept for Lightning's averaging_state in the checkpoint; no sync
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Keeps the raw weights in the model (see the class docstring)."""

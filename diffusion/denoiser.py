@@ -21,6 +21,7 @@ def network_denoiser(
     target: Target,
     learned_variance: bool,
     clip_x0: bool,
+    dynamic_threshold: float | None = None,
     labels: Tensor | None = None,
     guidance: float = 1.0,
     null_label: int | None = None,
@@ -32,6 +33,8 @@ def network_denoiser(
         learned_variance: the network's second C channels are the variance interpolation v in [-1, 1].
         clip_x0: clamp the predicted x_0 to the data range [-1, 1] and recompute eps from it (Ho et al. 2020 clip
             the predicted x_0 when sampling images); leave off for data that is not bounded.
+        dynamic_threshold: a percentile p in (0, 1]: instead of clipping, :func:`dynamic_threshold` of x_0 (Saharia
+            et al. 2022), eps recomputed from it; ``None`` for none.
         labels: class labels, ``(B,)``, for a class-conditional network; ``None`` for an unconditional one.
         guidance: classifier-free guidance scale w (Ho & Salimans 2022, eq. 6 written as
             out = out_null + w (out_label - out_null)): 1 is the plain conditional model, 0 the unconditional one,
@@ -41,6 +44,8 @@ def network_denoiser(
 
     The function returned has ``rows_per_image``: images through the network per image denoised (2 with guidance).
     """
+    if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
+        raise ValueError(f"dynamic_threshold is a percentile in (0, 1], e.g. 0.995; got {dynamic_threshold}")
     if guidance != 1.0 and labels is None:
         raise ValueError("classifier-free guidance needs class labels: pass labels, or set guidance to 1")
     if guidance != 1.0 and null_label is None:
@@ -62,10 +67,22 @@ def network_denoiser(
             var_frac = (v.to(x_t.dtype) + 1.0) / 2.0
         output = output.to(x_t.dtype)  # an autocast network may answer in bf16; the sampler's state keeps its dtype
         x0, eps = to_x0_eps(schedule, target, output, x_t, t)
-        if clip_x0:
+        if dynamic_threshold is not None:
+            x0 = dynamic_thresholding(x0, dynamic_threshold)
+            eps = eps_from_x0(schedule, x_t, t, x0)
+        elif clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
             eps = eps_from_x0(schedule, x_t, t, x0)
         return Prediction(x0=x0, eps=eps, var_frac=var_frac)
 
     denoise.rows_per_image = 2 if labels is not None and guidance != 1.0 else 1  # type: ignore[attr-defined]
     return denoise
+
+
+def dynamic_thresholding(x0: Tensor, percentile: float) -> Tensor:
+    """Saharia et al. 2022 (Imagen), §2.3: per image, s = max(1, the ``percentile`` quantile of |x0|); x0 is
+    clamped to [-s, s] and divided by s. Images whose quantile lies within [-1, 1] are only clipped to [-1, 1];
+    saturated ones are pulled inwards instead of being flattened at the bounds. ``(B, ...)`` in, same out."""
+    s = torch.quantile(x0.detach().flatten(1).abs().float(), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torch import Tensor
+from torchmetrics import Metric
 
 from diffusion.denoiser import network_denoiser
 from diffusion.errors import RunError
@@ -21,6 +21,31 @@ from diffusion.targets import Denoiser
 from diffusion.unet import UNet
 
 SPEED_SWITCHES = ("compile", "channels_last")  # model settings that change how fast, not what is computed
+
+
+class LossByQuartile(Metric):
+    """The mean of per-image losses in each of ``groups`` groups (the timestep quartiles), summed over processes.
+
+    Accumulated on the device with two ``index_add_``, so an update never waits for it: torchmetrics' ``MeanMetric``
+    tests every update for NaN on the host (a synchronisation per update on a GPU), and with that test switched off
+    (``nan_strategy="disable"``) torchmetrics 1.9 drops the weights that would pick out a quartile. A group that
+    saw no image is NaN.
+    """
+
+    full_state_update = False
+
+    def __init__(self, groups: int = 4) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros(groups), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(groups), dist_reduce_fx="sum")
+
+    def update(self, losses: Tensor, group: Tensor) -> None:
+        """losses: ``(B,)``; group: ``(B,)`` int64 in ``[0, groups)``."""
+        self.total.index_add_(0, group, losses.float())
+        self.count.index_add_(0, group, torch.ones_like(losses, dtype=self.count.dtype))
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
 
 
 class DiffusionModule(LightningModule):
@@ -51,7 +76,7 @@ class DiffusionModule(LightningModule):
             self.unet.to(memory_format=torch.channels_last)
         self.schedule = NoiseSchedule(make_betas(diffusion["schedule"], diffusion["timesteps"]))
         self.diffusion, self.optimizer_settings = dict(diffusion), dict(optimizer)
-        self.quartile_loss = nn.ModuleList(MeanMetric() for _ in range(4))
+        self.loss_by_quartile = LossByQuartile()
 
     # ------------------------------------------------------------------ the model as a function
     @property
@@ -90,6 +115,7 @@ class DiffusionModule(LightningModule):
             target=self.diffusion["target"],
             learned_variance=self.diffusion["learned_variance"],
             clip_x0=self.diffusion["clip_x0"],
+            dynamic_threshold=self.diffusion.get("dynamic_threshold"),  # set by sample.py only
             labels=labels,
             guidance=guidance,
             null_label=self.unet.num_classes,
@@ -167,12 +193,17 @@ class DiffusionModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         if "vb" in terms:
             self.log("train/vb", terms["vb"].mean())
-        # the loss by timestep quartile, as improved-diffusion logs it: which noise levels the model still gets wrong
-        quartile = t * 4 // T
-        for q, metric in enumerate(self.quartile_loss):
-            metric.update(terms["loss"].detach(), weight=(quartile == q).to(terms["loss"].dtype))
-            self.log(f"train/loss_q{q}", metric, on_step=False, on_epoch=True)
+        self.loss_by_quartile.update(terms["loss"].detach(), t * 4 // T)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """The epoch's loss by timestep quartile, as improved-diffusion logs it: which noise levels the model still
+        gets wrong (``train/loss_q0`` nearest the data)."""
+        if self.loss_by_quartile.update_count == 0:  # a resumed run that starts at the end of an epoch
+            return
+        for q, value in enumerate(self.loss_by_quartile.compute()):
+            self.log(f"train/loss_q{q}", value)
+        self.loss_by_quartile.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """The training loss on held-out images, with timesteps and noise fixed per batch, so that values from one

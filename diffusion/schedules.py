@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 ScheduleName = Literal["linear", "cosine", "sigmoid", "quadratic"]
-Spacing = Literal["uniform", "quadratic", "logsnr"]
+Spacing = Literal["uniform", "quadratic", "logsnr", "trailing"]
 
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021, §3.2: clip betas to avoid a singularity at t = T
 
@@ -84,11 +84,15 @@ def make_betas(name: ScheduleName, T: int) -> Tensor:
 
 
 def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> list[int]:
-    """``steps`` increasing timesteps of ``schedule``, always including the first and the last.
+    """``steps`` increasing timesteps of ``schedule``, always including the last; all but ``trailing`` include the
+    first.
 
     ``uniform``: evenly spaced in t (improved-diffusion's ``space_timesteps``); ``quadratic``: evenly spaced in
     sqrt(t) (Song et al. 2021, DDIM, §D.2), dense near the data; ``logsnr``: evenly spaced in log-SNR (Lu et al.
-    2022, DPM-Solver, §3.3). Where rounding makes two equal, later ones move up, so all are distinct.
+    2022, DPM-Solver, §3.3); ``trailing``: T/steps apart counting down from T - 1, so the last network evaluation
+    is at T/steps - 1 rather than 0 (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", Table 2; lucidrains' DDIM steps the same way). Where rounding makes two equal, later ones move up, so
+    all are distinct.
     """
     T = len(schedule)
     if not 1 <= steps <= T:
@@ -99,12 +103,14 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> l
         points = torch.linspace(0, T - 1, steps, dtype=torch.float64)
     elif spacing == "quadratic":
         points = torch.linspace(0, math.sqrt(T - 1), steps, dtype=torch.float64) ** 2
+    elif spacing == "trailing":
+        points = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).flip(0)
     elif spacing == "logsnr":
         log_snr = schedule.snr.log().cpu().flip(0)  # increasing, from t = T - 1 down to t = 0
         targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
         points = _interp(targets, log_snr, torch.arange(T - 1, -1, -1, dtype=torch.float64))
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose uniform, quadratic or logsnr")
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose uniform, quadratic, logsnr or trailing")
     chosen: list[int] = []
     for p in points.round().long().tolist():
         chosen.append(max(p, chosen[-1] + 1) if chosen else p)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from omegaconf import MISSING
 
 from diffusion.errors import RunError
+from diffusion.schedules import Spacing
 
 
 @dataclass
@@ -109,6 +110,7 @@ class SampleSettings:
     device: str = MISSING
     precision: str = MISSING
     clip_x0: bool | None = MISSING
+    dynamic_threshold: float | None = MISSING
     compile: bool = MISSING
     channels_last: bool = MISSING
     save_images: bool = MISSING
@@ -152,6 +154,9 @@ def _get(settings: dict, key: str) -> Any:
 def check_sampler(settings: dict, key: str = "sampler") -> None:
     sampler = _get(settings, key)
     _integer(settings, f"{key}.steps", 1, f"give the sampler's number of steps, e.g. {key}.steps=50")
+    spacings = get_args(Spacing)
+    if "spacing" in sampler and sampler["spacing"] not in spacings:
+        _fail(f"{key}.spacing", sampler["spacing"], "is not a timestep spacing", f"choose one of {', '.join(spacings)}")
     if "eta" in sampler and not (isinstance(sampler["eta"], int | float) and 0 <= sampler["eta"] <= 1):
         _fail(f"{key}.eta", sampler["eta"], "is not a number in [0, 1]", "0 is deterministic DDIM, 1 ancestral")
 
@@ -238,6 +243,9 @@ def check_sample(settings: dict) -> None:
     _integer(settings, "gif_frames", 2, "give the frames of process.gif, e.g. gif_frames=60")
     if not settings["guidance"] >= 0:
         _fail("guidance", settings["guidance"], "is negative", "1 is no guidance, 0 the unconditional model, e.g. 3.0")
+    threshold = settings["dynamic_threshold"]
+    if threshold is not None and not 0 < threshold <= 1:
+        _fail("dynamic_threshold", threshold, "is not a percentile in (0, 1]", "Imagen's is 0.995; null for none")
     if str(settings["precision"]) not in ("32", "bf16", "16"):
         _fail("precision", settings["precision"], "is not one of 32, bf16, 16", "e.g. precision=bf16 on a GPU")
     device = str(settings["device"])

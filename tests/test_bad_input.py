@@ -47,6 +47,8 @@ CATALOGUE = [
     ("sample.py", ["ckpt=CKPT", "guidance=-1"], ["error: guidance=-1.0"]),
     ("sample.py", ["ckpt=CKPT", "sampler=dpm_solver", "sampler.eta=0.5"], ["sampler.eta", "not in struct"]),
     ("sample.py", ["ckpt=CKPT", "sampler=ddim", "sampler.eta=3"], ["error: sampler.eta=3"]),
+    ("sample.py", ["ckpt=CKPT", "sampler.spacing=leading"], ["error: sampler.spacing='leading'", "trailing"]),
+    ("sample.py", ["ckpt=CKPT", "dynamic_threshold=99.5"], ["error: dynamic_threshold=99.5", "0.995"]),
 ]
 
 

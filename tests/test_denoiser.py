@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion.denoiser import network_denoiser
+from diffusion.denoiser import dynamic_thresholding, network_denoiser
 from diffusion.schedules import NoiseSchedule, make_betas
 from diffusion.targets import from_x0_eps
 
@@ -74,4 +74,39 @@ def test_guidance_without_labels_is_refused():
     with pytest.raises(ValueError, match="needs class labels"):
         network_denoiser(
             fake_net(torch.zeros(3)), SCHEDULE, target="eps", learned_variance=False, clip_x0=False, guidance=2.0
+        )
+
+
+def test_dynamic_thresholding_follows_saharia_et_al():
+    torch.manual_seed(0)
+    inside = torch.rand(1, 1, 10, 10) * 1.6 - 0.8  # within [-1, 1]: unchanged
+    wide = torch.linspace(-4, 4, 100).view(1, 1, 10, 10)  # its 0.9 quantile of |x| is 3.6
+    out = dynamic_thresholding(torch.cat([inside, wide]), 0.9)
+    torch.testing.assert_close(out[0], inside[0])
+    s = torch.quantile(wide.abs().flatten(), 0.9)
+    torch.testing.assert_close(s, torch.tensor(3.6), atol=0.05, rtol=0)
+    torch.testing.assert_close(out[1], wide[0].clamp(-s, s) / s)
+    assert out[1].abs().max() == 1 and (out[1].abs() == 1).sum() == 10  # the top 10% saturate, the rest scale down
+    # with percentile 1 nothing is clipped: the image is scaled by its largest |x0|
+    torch.testing.assert_close(dynamic_thresholding(wide, 1.0), wide / 4)
+
+
+def test_the_denoiser_thresholds_x0_and_keeps_eps_consistent():
+    x_t, t = 3 * torch.randn(2, 1, 4, 4), torch.tensor([50, 50])
+    den = network_denoiser(
+        lambda x, tt, y: torch.zeros_like(x),
+        SCHEDULE,
+        target="eps",
+        learned_variance=False,
+        clip_x0=True,
+        dynamic_threshold=0.995,
+    )
+    pred = den(x_t, t)
+    a, s = SCHEDULE.alphas_cumprod[50].sqrt().float(), (1 - SCHEDULE.alphas_cumprod[50]).sqrt().float()
+    torch.testing.assert_close(pred.x0, dynamic_thresholding(x_t / a, 0.995))
+    assert not torch.equal(pred.x0, (x_t / a).clamp(-1, 1))  # the threshold, not the plain clip
+    torch.testing.assert_close(a * pred.x0 + s * pred.eps, x_t)
+    with pytest.raises(ValueError, match="percentile"):
+        network_denoiser(
+            lambda *_: x_t, SCHEDULE, target="eps", learned_variance=False, clip_x0=False, dynamic_threshold=99.5
         )

@@ -102,6 +102,23 @@ def test_the_callback_averages_a_known_trajectory_with_those_decays(rampup):
     assert module.w.item() == pytest.approx(math.sin(steps))  # the raw weights stay in the model
 
 
+def test_the_update_never_reads_a_device_value_on_the_host(tmp_path):
+    """On the meta device every read of a tensor's value on the host raises, so an update that runs there cannot
+    wait for a GPU. AveragedModel's own update reads its step counter twice per step, and fails here."""
+    module = DiffusionModule(**hyperparameters(compose_config("train", ["model=tiny"], tmp_path))).to("meta")
+    ema = EMA(half_life_images=1000.0, rampup_ratio=0.05)
+    on_meta = SimpleNamespace(
+        **{**vars(fake_trainer(0)), "strategy": SimpleNamespace(root_device=torch.device("meta"))}
+    )
+    ema.setup(on_meta, module, "fit")
+    assert next(ema.averaged_module.parameters()).device.type == "meta"
+    for step in (1, 2, 3):
+        ema.on_train_batch_end(fake_trainer(step), module, None, (torch.zeros(8, 1),), step - 1)
+    assert ema.beta > 0 and ema._latest_update_step == 3
+    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
+        torch.optim.swa_utils.AveragedModel(module, device=torch.device("meta")).update_parameters(module)
+
+
 def test_the_ema_offers_its_weights_for_sampling(tmp_path):
     module = DiffusionModule(**hyperparameters(compose_config("train", [], tmp_path)))
     assert module.weights_for_sampling() is module

@@ -135,13 +135,14 @@ def test_respacing_keeps_alpha_bar_at_the_chosen_steps():
             schedule.respace(bad)
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "logsnr"])
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "logsnr", "trailing"])
 @pytest.mark.parametrize("steps", [1, 2, 10, 50, 999, 1000])
 def test_spaced_timesteps_are_distinct_and_span_the_schedule(spacing, steps):
     schedule = NoiseSchedule(make_betas("linear", 1000))
     ts = spaced_timesteps(schedule, steps, spacing)
     assert len(ts) == steps and ts == sorted(set(ts))
-    assert ts[-1] == 999 and (steps == 1 or ts[0] == 0)
+    first = 1000 // steps - 1 if spacing == "trailing" else 0  # trailing leaves out the first T/steps - 1
+    assert ts[-1] == 999 and (steps == 1 or ts[0] == first)
 
 
 def test_spacings_follow_their_rule():
@@ -150,6 +151,8 @@ def test_spacings_follow_their_rule():
     assert (uni.diff() - 111).abs().max() <= 1
     quad = torch.tensor(spaced_timesteps(schedule, 10, "quadratic"), dtype=torch.float64)
     assert (quad.sqrt().diff() - math.sqrt(999) / 9).abs().max() < 0.05
+    # Lin et al. 2024, Table 2: trailing with T = 1000 and 10 steps is 999, 899, ..., 99
+    assert spaced_timesteps(schedule, 10, "trailing") == list(range(99, 1000, 100))
     log_snr = schedule.snr.log()[spaced_timesteps(schedule, 10, "logsnr")]
     step = (log_snr[0] - log_snr[-1]) / 9
     assert ((-log_snr.diff() - step).abs() / step).max() < 0.05

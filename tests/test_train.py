@@ -10,6 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffusion.errors import RunError
+from diffusion.module import LossByQuartile
 from tests.helpers import compose_config, load_state, run_script, write_cifar, write_image_folder, write_mnist
 from train import train
 
@@ -43,6 +44,21 @@ def test_default_digits_run_writes_checkpoints_samples_and_tensorboard(tmp_path)
         "optimizer",
         "data",
     }
+
+
+def test_the_loss_by_quartile_is_the_mean_of_each_quartile():
+    metric = LossByQuartile()
+    torch.manual_seed(0)
+    losses, t = torch.rand(3, 64), torch.randint(0, 750, (3, 64))  # the last quartile never drawn
+    for batch in range(3):
+        metric.update(losses[batch], t[batch] * 4 // 1000)
+    values = metric.compute()
+    for q in range(3):
+        torch.testing.assert_close(values[q], losses[t * 4 // 1000 == q].mean())
+    assert values[3].isnan()
+    with torch.device("meta"):  # an update reads nothing on the host (that would raise on meta): no GPU sync
+        on_meta = LossByQuartile()
+    on_meta.update(torch.rand(8, device="meta"), torch.zeros(8, dtype=torch.long, device="meta"))
 
 
 def test_mnist_from_idx_files(tmp_path):

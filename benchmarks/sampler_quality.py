@@ -1,0 +1,151 @@
+"""Sample quality of one checkpoint under several sampler settings ("arms"), scored like benchmarks/quality.py.
+
+    python benchmarks/sampler_quality.py --ckpt benchmarks/work/quality/ours/checkpoints/last.ckpt --device cpu \
+        --samples 1000 --jobs 2 --out benchmarks/results/sampler_quality_cpu.json
+    python benchmarks/sampler_quality.py --ckpt ... --device cuda --arms ddim50_quadratic dpm20_quadratic ddim250
+
+Each arm is ``sample.py`` run as a user runs it (seed 0, so every arm starts from the same noise), with the
+overrides of ``ARMS``; its images are scored at 28x28 against the Fashion-MNIST test set on the cached classifier of
+benchmarks/quality.py: FID, KID, precision, recall, the class histogram and the FIDs of the two halves (the noise of
+the FID). The arms look at what issue 17 names for the speckled outliers: the timestep spacing of DDIM and
+DPM-Solver++, x0 clipping against dynamic thresholding and none, the final step (``trailing`` spacing ends with a
+network evaluation at t = T/steps - 1 rather than at 0), the EMA against the raw weights, and DDIM-250 as the
+reference for the 20-step samplers. On a CPU, ``--jobs`` arms run at once, each pinned to its own core with one
+thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import ROOT, classifier, fashion, scores
+
+ARMS = {
+    # DDIM (eta 0) at 50 steps: the spacings, then clipping with the configured spacing (quadratic)
+    "ddim50_quadratic": ["sampler=ddim", "sampler.steps=50", "sampler.spacing=quadratic"],
+    "ddim50_uniform": ["sampler=ddim", "sampler.steps=50", "sampler.spacing=uniform"],
+    "ddim50_trailing": ["sampler=ddim", "sampler.steps=50", "sampler.spacing=trailing"],
+    "ddim50_quadratic_noclip": ["sampler=ddim", "sampler.steps=50", "sampler.spacing=quadratic", "clip_x0=false"],
+    "ddim50_quadratic_dynamic": [
+        "sampler=ddim", "sampler.steps=50", "sampler.spacing=quadratic", "dynamic_threshold=0.995",
+    ],
+    "ddim50_quadratic_raw": ["sampler=ddim", "sampler.steps=50", "sampler.spacing=quadratic", "ema=false"],
+    # DPM-Solver++(2M) at 20 steps
+    "dpm20_quadratic": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=quadratic"],
+    "dpm20_logsnr": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=logsnr"],
+    "dpm20_uniform": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=uniform"],
+    "dpm20_trailing": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=trailing"],
+    "dpm20_quadratic_dynamic": [
+        "sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=quadratic", "dynamic_threshold=0.995",
+    ],
+    # the reference for the 20-step samplers (issue 17: within 10% of DDIM-250's FID)
+    "ddim250": ["sampler=ddim", "sampler.steps=250", "sampler.spacing=quadratic"],
+}  # fmt: skip
+DEFAULT_ARMS = [name for name in ARMS if name != "ddim250"]  # DDIM-250 is slow on a CPU: ask for it by name
+
+
+def command(args: argparse.Namespace, arm: str, out: Path) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "sample.py"), f"ckpt={args.ckpt}", *ARMS[arm], f"n={args.samples}",
+        f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0", f"device={args.device}", f"out_dir={out}",
+        "overwrite=true", "gif_frames=2", "gif_images=1",
+    ]  # fmt: skip
+
+
+def run_arms(args: argparse.Namespace) -> dict[str, dict]:
+    """Runs the arms, ``--jobs`` at a time; returns each arm's sample.py results.json."""
+    pending, running, done = list(args.arms), {}, {}
+    free = list(range(args.jobs))
+    while pending or running:
+        while pending and free:
+            arm, slot = pending.pop(0), free.pop(0)
+            out = args.work / arm
+            env = dict(os.environ)
+            cmd = command(args, arm, out)
+            if args.device == "cpu":
+                cmd = ["taskset", "-c", str(slot), *cmd]
+                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            out.mkdir(parents=True, exist_ok=True)
+            log = (args.work / f"{arm}.log").open("w")
+            running[arm] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), slot)
+            print(f"started {arm} on slot {slot}", flush=True)
+        time.sleep(2)
+        for arm, (process, slot) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[arm]
+            free.append(slot)
+            if process.returncode != 0:
+                raise SystemExit(f"{arm} failed; see {args.work / (arm + '.log')}")
+            done[arm] = json.loads((args.work / arm / "results.json").read_text())
+            print(f"finished {arm} in {done[arm]['seconds']:.0f} s", flush=True)
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--jobs", type=int, default=1, help="arms at once (on a CPU: one pinned core each)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "sampler_quality")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sampler_quality.json")
+    args = parser.parse_args()
+    args.ckpt = args.ckpt.resolve()
+    device = torch.device(args.device)
+    data = fashion(args.work / "data")
+    net, accuracy = classifier(args.cache, data, device)
+    started = time.perf_counter()
+    results = run_arms(args)
+    test = data[2]
+    reference = test[: len(test) // 2]
+    state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    report = {
+        "ckpt": str(args.ckpt),
+        "global_step": state["global_step"],
+        "device": args.device,
+        "samples": args.samples,
+        "jobs": args.jobs,
+        "classifier_test_accuracy": accuracy,
+        "wall_seconds": None,
+        "arms": {},
+    }
+    for arm in args.arms:
+        images = torch.from_numpy(np.load(args.work / arm / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+        if images.shape[-1] != 28:
+            images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True)
+            images = images.round().clamp(0, 255).to(torch.uint8)
+        sample = results[arm]
+        report["arms"][arm] = {
+            "overrides": ARMS[arm],
+            **scores(net, images, reference, device),
+            "nfe": sample["nfe"],
+            "sampling_seconds": sample["seconds"],
+        }
+        r = report["arms"][arm]
+        print(
+            f"{arm:>26}: FID {r['fid']:8.3f} (halves {r['fid_halves'][0]:.1f}, {r['fid_halves'][1]:.1f}) "
+            f"KID {r['kid']:8.3f} precision {r['precision']:.3f} recall {r['recall']:.3f} NFE {r['nfe']:g}",
+            flush=True,
+        )
+    report["wall_seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
