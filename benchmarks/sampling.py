@@ -2,11 +2,16 @@
 
     python benchmarks/sampling.py --quick                  # one pinned CPU core, 10 steps each, a minute or two
     python benchmarks/sampling.py --device cuda --threads 0 --batch 256 --precision bf16 --compile --channels-last
+    python benchmarks/sampling.py --device cuda --threads 0 --batch 500 --lucidrains   # DDIM-50 against lucidrains'
 
 Samples go through ``diffusion.sampling.draw``, the code that the training callbacks and sample.py use, under
 ``torch.inference_mode``, with the UNet of ``--model`` (random weights: speed does not depend on them). In
 --quick mode every sampler runs --steps steps and its images per second at its default number of steps is
 derived from the measured seconds per evaluation (marked "derived"); otherwise each runs its default steps.
+
+With ``--lucidrains`` a second table times DDIM-50 (--steps in --quick mode) of this project's UNet through ``draw``
+against lucidrains' ``GaussianDiffusion(Unet(dim=64, dim_mults=(1, 2, 4))).sample`` (its DDIM, ``sampling_timesteps``
+50) at the same batch, precision and image size, interleaved (its ``pip install -r benchmarks/requirements.txt``).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=10, help="steps of every sampler in --quick mode")
+    parser.add_argument("--lucidrains", action="store_true", help="also DDIM against lucidrains' at the same batch")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sampling.json")
     args = parser.parse_args()
     threads = args.threads or torch.get_num_threads()
@@ -110,6 +116,7 @@ def main() -> None:
                 "at_default": "derived" if args.quick else "measured",
             }
         )
+    peers = against_lucidrains(args, module, samplers["ddim"], device, dtype) if args.lucidrains else []
     info = machine(device)
     print(
         f"\nSampling, {args.model} UNet, batch {args.batch}, {args.precision}"
@@ -131,6 +138,9 @@ def main() -> None:
             ],
         )
     )
+    if peers:
+        print(f"\nDDIM-{peers[0]['steps']} at batch {args.batch}, {args.precision}")
+        print(table(peers, ["system", "steps", "img_per_s", "vs_lucidrains"]))
     write_json(
         args.out,
         {
@@ -141,8 +151,41 @@ def main() -> None:
             "compile": args.compile,
             "channels_last": args.channels_last,
             "rows": rows,
+            "against_lucidrains": peers,
         },
     )
+
+
+def against_lucidrains(args, module, ddim, device: torch.device, dtype) -> list[dict]:
+    """DDIM of this project's UNet (through ``draw``) and of lucidrains' library at the same batch, interleaved."""
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+
+    steps = args.steps if args.quick else 50
+    torch.manual_seed(0)
+    unet = Unet(dim=64, dim_mults=(1, 2, 4), channels=3)
+    theirs = GaussianDiffusion(unet, image_size=32, timesteps=1000, sampling_timesteps=steps).to(device).eval()
+    if args.compile:
+        theirs.model = torch.compile(theirs.model)
+    ours = functools.partial(ddim, steps=steps)
+
+    def run_ours() -> None:
+        with module.sampling(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            draw(module.denoiser_for(), module.schedule, ours, n=args.batch, batch_size=args.batch,
+                 shape=(3, 32, 32), seed=1, device=device)  # fmt: skip
+
+    def run_theirs() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            theirs.sample(batch_size=args.batch)
+
+    cases = {"ours": run_ours, "lucidrains": run_theirs}
+    for fn in cases.values():  # warm-up (and compilation)
+        fn()
+    seconds = interleaved(cases, device, 2 if args.quick else 3, 1)
+    return [
+        {"system": name, "steps": steps, "img_per_s": args.batch / seconds[name],
+         "vs_lucidrains": seconds["lucidrains"] / seconds[name]}
+        for name in cases
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python benchmarks/train_app.py --device cuda --compile -- model.compile=true model.channels_last=true
     python benchmarks/train_app.py --device cuda --batch-sizes 128 512 1024   # how images/s scales with the batch
     python benchmarks/train_app.py --device cpu --quick                        # a smoke run: tiny model, few steps
+    python benchmarks/train_app.py --device cuda --profile 20                  # and torch.profiler's top operators
 
 Rows, all at the same batch of 32x32 one-channel images (Fashion-MNIST from Debian's ``dataset-fashion-mnist``):
 
@@ -142,24 +143,34 @@ def forward_flops(network: torch.nn.Module, batch: int, device: torch.device) ->
     return counter.get_total_flops() / batch / 1e9
 
 
-def run_app(args: argparse.Namespace, batch: int, round_: int, overrides: list[str]) -> float:
-    """One train.py process; returns its images/s over the timed window."""
-    work = args.work / f"app_b{batch}_r{round_}"
+def run_app(args: argparse.Namespace, batch: int, name: str, overrides: list[str], profile: bool = False) -> float:
+    """One train.py process; returns its images/s over the timed window (with ``profile``, writes the profiler's
+    table to ``--work``/profile.txt instead, over ``--profile`` steps, and returns 0)."""
+    work = args.work / name
     timer = work.with_suffix(".json")
     timer.unlink(missing_ok=True)
     device = ["trainer=gpu"] if args.device == "cuda" else ["trainer.accelerator=cpu"]
+    if profile:
+        steps, callback = args.profile, f"step_profiler={{_target_:step_timer.StepProfiler,start:{args.warmup}"
+        callback += f",steps:{args.profile},path:'{args.work / 'profile.txt'}'}}"
+    else:
+        steps, callback = args.steps, f"step_timer={{_target_:step_timer.StepTimer,start:{args.warmup}"
+        callback += f",steps:{args.steps},path:'{timer}'}}"
     command = [
         sys.executable, str(ROOT / "train.py"), "experiment=fashion", *device, f"dataset.batch_size={batch}",
-        f"trainer.max_steps={args.warmup + args.steps}", "dataset.download=false",
-        f"+callbacks.step_timer={{_target_:step_timer.StepTimer,start:{args.warmup},steps:{args.steps},path:'{timer}'}}",
+        f"trainer.max_steps={args.warmup + steps}", "dataset.download=false", f"+callbacks.{callback}",
         *overrides, f"hydra.run.dir={work}",
     ]  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), env.get("PYTHONPATH")]))
+    if args.device == "cpu":  # as many threads as the in-process loops
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     log = work.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if profile and done.returncode == 0:
+        return 0.0
     if done.returncode != 0 or not timer.is_file():
         tail = log.read_text()[-3000:]
         raise SystemExit(f"train.py failed (exit {done.returncode}); its output is in {log}:\n{tail}")
@@ -177,6 +188,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100, help="steps before the timed window")
     parser.add_argument("--steps", type=int, default=300, help="steps in the timed window")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, help="also profile this many app steps (an extra run)")
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run: tiny model, 5 + 10 steps, batch 16")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "train_app")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_app.json")
@@ -201,7 +213,7 @@ def main() -> None:
                 loop.step()
         samples: dict[str, list[float]] = {"app": [], **{name: [] for name in loops}}
         for round_ in range(args.rounds):
-            samples["app"].append(run_app(args, batch, round_, overrides))
+            samples["app"].append(run_app(args, batch, f"app_b{batch}_r{round_}", overrides))
             for name, loop in loops.items():
                 seconds = time_call(lambda loop=loop: [loop.step() for _ in range(args.steps)], device, 1)[0]
                 samples[name].append(batch * args.steps / seconds)
@@ -221,6 +233,10 @@ def main() -> None:
                     "all_rounds": samples[name],
                 }
             )
+    if args.profile:
+        run_app(args, args.batch_sizes[0], "profile", overrides, profile=True)
+        print(f"\nProfile of {args.profile} app steps at batch {args.batch_sizes[0]}:")
+        print("\n".join((args.work / "profile.txt").read_text().splitlines()[:30]))
     dtype = torch.bfloat16 if bf16 else torch.float32
     shapes = conv_shapes([OurUNet(args.model).to(device)], args.batch_sizes[0], device, CHANNELS)
     peak = measure_peak(shapes, args.batch_sizes[0], device, False, dtype)
