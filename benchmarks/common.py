@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -86,3 +88,32 @@ def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def run_jobs(jobs: dict[str, list[list[str]]], slots: int, pin: bool, logs: Path) -> None:
+    """Runs each job (a list of commands, one after the other) in its own process, ``slots`` jobs at a time; with
+    ``pin`` (on a CPU) slot i runs on core i with one thread. A failing job stops the whole run with its log's end."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, free = list(jobs), {}, list(range(slots))
+    while pending or running:
+        while pending and free:
+            name, slot = pending.pop(0), free.pop(0)
+            script = " && ".join(shlex.join(command) for command in jobs[name])
+            command = ["bash", "-c", script]
+            env = dict(os.environ)
+            if pin:
+                command = ["taskset", "-c", str(slot), *command]
+                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            log = (logs / f"{name}.log").open("w")
+            running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), slot)
+            print(f"started {name}" + (f" on core {slot}" if pin else ""), flush=True)
+        time.sleep(2)
+        for name, (process, slot) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            free.append(slot)
+            if process.returncode != 0:
+                tail = (logs / f"{name}.log").read_text()[-3000:]
+                raise SystemExit(f"{name} failed; its output is in {logs / name}.log:\n{tail}")
+            print(f"finished {name}", flush=True)

@@ -123,6 +123,19 @@ def features(net: Classifier, images: torch.Tensor, device: torch.device) -> tor
 # ---------------------------------------------------------------- the scores
 
 
+def at_28(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, 1, H, W)`` images at the classifier's 28x28 (experiment=fashion trains at 32x32)."""
+    if images.shape[-1] == 28:
+        return images
+    images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True)
+    return images.round().clamp(0, 255).to(torch.uint8)
+
+
+def npz_images(path: Path) -> torch.Tensor:
+    """sample.py's samples.npz as uint8 ``(N, C, H, W)``."""
+    return torch.from_numpy(np.load(path)["arr_0"]).permute(0, 3, 1, 2)
+
+
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """Kynkaenniemi et al. 2019: a fake sample counts toward precision when it lies inside the k-NN ball of some
     real sample; recall swaps the roles."""
@@ -260,7 +273,7 @@ def run_pair(args: argparse.Namespace, overrides: list[str]) -> dict:
     sampling = launch(sample_ours(args, ours), 0 if cpu else None, work / "ours_sample.log")
     finish(sampling, "sample.py", work / "ours_sample.log")
     finish(b, "lucidrains", work / "lucidrains.log")
-    mine = torch.from_numpy(np.load(ours / "samples_ddim50" / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+    mine = npz_images(ours / "samples_ddim50" / "samples.npz")
     state = torch.load(ours / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     other = torch.load(theirs / "samples.pt", weights_only=True)
     return {
@@ -307,10 +320,7 @@ def main() -> None:
         "wall_seconds": results["wall_seconds"],
     }
     for name in ("ours", "lucidrains"):
-        images = results[name]["images"]
-        if images.shape[-1] != 28:  # experiment=fashion trains at 32x32
-            images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True)
-            images = images.round().clamp(0, 255).to(torch.uint8)
+        images = at_28(results[name]["images"])
         report[name] = {**scores(net, images, reference, device), "steps": results[name]["steps"]}
         results[name]["images"] = images
     report["fid_ratio_ours_over_lucidrains"] = report["ours"]["fid"] / report["lucidrains"]["fid"]

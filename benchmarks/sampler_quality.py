@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import ROOT, classifier, fashion, scores
+from common import run_jobs
+from quality import ROOT, at_28, classifier, fashion, npz_images, scores
 
 ARMS = {
     # DDIM (eta 0) at 50 steps: the spacings, then clipping with the configured spacing (quadratic)
@@ -65,32 +60,9 @@ def command(args: argparse.Namespace, arm: str, out: Path) -> list[str]:
 
 def run_arms(args: argparse.Namespace) -> dict[str, dict]:
     """Runs the arms, ``--jobs`` at a time; returns each arm's sample.py results.json."""
-    pending, running, done = list(args.arms), {}, {}
-    free = list(range(args.jobs))
-    while pending or running:
-        while pending and free:
-            arm, slot = pending.pop(0), free.pop(0)
-            out = args.work / arm
-            env = dict(os.environ)
-            cmd = command(args, arm, out)
-            if args.device == "cpu":
-                cmd = ["taskset", "-c", str(slot), *cmd]
-                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-            out.mkdir(parents=True, exist_ok=True)
-            log = (args.work / f"{arm}.log").open("w")
-            running[arm] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), slot)
-            print(f"started {arm} on slot {slot}", flush=True)
-        time.sleep(2)
-        for arm, (process, slot) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[arm]
-            free.append(slot)
-            if process.returncode != 0:
-                raise SystemExit(f"{arm} failed; see {args.work / (arm + '.log')}")
-            done[arm] = json.loads((args.work / arm / "results.json").read_text())
-            print(f"finished {arm} in {done[arm]['seconds']:.0f} s", flush=True)
-    return done
+    jobs = {arm: [command(args, arm, args.work / arm)] for arm in args.arms}
+    run_jobs(jobs, args.jobs, args.device == "cpu", args.work)
+    return {arm: json.loads((args.work / arm / "results.json").read_text()) for arm in args.arms}
 
 
 def main() -> None:
@@ -124,10 +96,7 @@ def main() -> None:
         "arms": {},
     }
     for arm in args.arms:
-        images = torch.from_numpy(np.load(args.work / arm / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
-        if images.shape[-1] != 28:
-            images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True)
-            images = images.round().clamp(0, 255).to(torch.uint8)
+        images = at_28(npz_images(args.work / arm / "samples.npz"))
         sample = results[arm]
         report["arms"][arm] = {
             "overrides": ARMS[arm],

@@ -1,0 +1,91 @@
+"""Training ablations at equal steps on Fashion-MNIST, scored like benchmarks/quality.py (issue 17).
+
+    python benchmarks/ablation.py --device cpu --steps 1289 --batch 64 --jobs 2 \\
+        --arm v_cosine_minsnr "diffusion=v_prediction" --arm v_linear "diffusion.target=v" \\
+        -- model=tiny dataset.image_size=28 optimizer.schedule=constant
+    python benchmarks/ablation.py --device cuda --steps 2000 --jobs 4 --arm base "" --arm no_dropout "model.dropout=0"
+
+Each arm is ``train.py experiment=fashion`` at ``--batch`` and quality.py's learning rate, for ``--steps`` steps,
+with the shared overrides (after ``--``) and then the arm's own (a space-separated string), followed by
+``sample.py`` drawing ``--samples`` DDIM-50 images from seed 0; the images are scored on quality.py's cached
+classifier against the Fashion-MNIST test set. ``--jobs`` arms run at once as separate processes (on a CPU, each on
+its own core with one thread; on a GPU, sharing it). Writes one JSON of every arm's scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import run_jobs
+from quality import LR, ROOT, at_28, classifier, fashion, npz_images, scores
+
+
+def job(args: argparse.Namespace, name: str, arm: list[str], shared: list[str]) -> list[list[str]]:
+    run = args.work / name
+    device = ["trainer=gpu"] if args.device == "cuda" else ["trainer.accelerator=cpu"]
+    train = [
+        sys.executable, str(ROOT / "train.py"), "experiment=fashion", *device, f"dataset.batch_size={args.batch}",
+        f"optimizer.lr={LR}", f"trainer.max_steps={args.steps}", "dataset.download=false",
+        *shared, *arm, f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    sample = [
+        sys.executable, str(ROOT / "sample.py"), f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddim",
+        "sampler.steps=50", f"n={args.samples}", f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0",
+        f"device={args.device}", f"out_dir={run / 'samples_ddim50'}", "overwrite=true",
+    ]  # fmt: skip
+    return [train, sample]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), required=True)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "ablation")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ablation.json")
+    args, shared = parser.parse_known_args()
+    shared = [o for o in shared if o != "--"]
+    arms = {name: overrides.split() for name, overrides in args.arm}
+    device = torch.device(args.device)
+    data = fashion(args.work / "data")
+    net, accuracy = classifier(args.cache, data, device)
+    started = time.perf_counter()
+    run_jobs({name: job(args, name, arm, shared) for name, arm in arms.items()}, args.jobs, args.device == "cpu",
+             args.work)  # fmt: skip
+    reference = data[2][: len(data[2]) // 2]
+    report = {
+        "device": args.device,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": LR,
+        "samples": args.samples,
+        "jobs": args.jobs,
+        "shared_overrides": shared,
+        "classifier_test_accuracy": accuracy,
+        "wall_seconds": time.perf_counter() - started,
+        "arms": {},
+    }
+    for name, arm in arms.items():
+        images = at_28(npz_images(args.work / name / "samples_ddim50" / "samples.npz"))
+        r = report["arms"][name] = {"overrides": arm, **scores(net, images, reference, device)}
+        print(
+            f"{name:>20}: FID {r['fid']:8.3f} (halves {r['fid_halves'][0]:.1f}, {r['fid_halves'][1]:.1f}) "
+            f"KID {r['kid']:8.3f} precision {r['precision']:.3f} recall {r['recall']:.3f}",
+            flush=True,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
