@@ -15,9 +15,10 @@ clipping at 1, ``EMA(beta=0.995, update_every=10)``) at 28x28; this project with
 overrides given.
 
 Each system then draws ``--samples`` images with DDIM-50 from seed 0 (this project's images do not depend on the batch
-size; lucidrains' are drawn in fixed batches from a seeded global generator). They are scored at 28x28 against
-the Fashion-MNIST test set on the penultimate features of a classifier that this script trains once, seeded, and
-keeps in ``--cache`` (so the cache can travel to a GPU machine):
+size; lucidrains' are drawn in fixed batches from a seeded global generator), and with ``--fast`` also with its best
+20-step sampler: this project's default, DPM-Solver++(2M) at 20 steps, and lucidrains' DDIM at 20. They are
+scored at 28x28 against the Fashion-MNIST test set on the penultimate features of a classifier that this script
+trains once, seeded, and keeps in ``--cache`` (so the cache can travel to a GPU machine):
 FID and KID (torchmetrics), precision and recall (Kynkaenniemi et al. 2019, k = 3), the class histogram of the
 samples, and the noise of each FID (the FIDs of two disjoint halves of the samples). The same scores for real
 held-out images (half of the test set against the other half) are the floor. It writes ``--out`` (JSON) and a PNG
@@ -193,11 +194,13 @@ def train_ours(args: argparse.Namespace, run: Path, overrides: list[str]) -> lis
     ]  # fmt: skip
 
 
-def sample_ours(args: argparse.Namespace, run: Path) -> list[str]:
+def sample_ours(args: argparse.Namespace, run: Path, fast: bool = False) -> list[str]:
+    """sample.py's DDIM-50, or (``fast``) its default sampler, DPM-Solver++ at 20 steps."""
+    sampler = ["sampler=dpm_solver", "sampler.steps=20"] if fast else ["sampler=ddim", "sampler.steps=50"]
     return [
-        sys.executable, str(ROOT / "sample.py"), f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddim",
-        "sampler.steps=50", f"n={args.samples}", f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0",
-        f"device={args.device}", f"out_dir={run / 'samples_ddim50'}",
+        sys.executable, str(ROOT / "sample.py"), f"ckpt={run / 'checkpoints' / 'last.ckpt'}", *sampler,
+        f"n={args.samples}", f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0",
+        f"device={args.device}", f"out_dir={run / ('samples_fast' if fast else 'samples_ddim50')}",
     ]  # fmt: skip
 
 
@@ -228,12 +231,21 @@ def lucidrains_worker(args: argparse.Namespace) -> None:
         ema.update()
         steps += 1
     trained = time.perf_counter() - start
-    torch.manual_seed(0)
     batch = 500 if device.type == "cuda" else 100
-    with torch.inference_mode():
-        drawn = [ema.ema_model.sample(batch_size=min(batch, args.samples - s)) for s in range(0, args.samples, batch)]
-    samples = (torch.cat(drawn).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    torch.save({"images": samples, "steps": steps, "seconds": trained}, run / "samples.pt")
+
+    def draw(sampling_steps: int) -> torch.Tensor:
+        """Its DDIM at ``sampling_timesteps`` steps (the library reads the attribute when it samples)."""
+        torch.manual_seed(0)
+        ema.ema_model.sampling_timesteps = sampling_steps
+        with torch.inference_mode():
+            sizes = [min(batch, args.samples - s) for s in range(0, args.samples, batch)]
+            drawn = [ema.ema_model.sample(batch_size=size) for size in sizes]
+        return (torch.cat(drawn).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+    result = {"images": draw(50), "steps": steps, "seconds": trained}
+    if args.fast:
+        result["fast_images"] = draw(20)
+    torch.save(result, run / "samples.pt")
 
 
 def launch(command: list[str], core: int | None, log: Path) -> subprocess.Popen:
@@ -256,12 +268,14 @@ def run_pair(args: argparse.Namespace, overrides: list[str]) -> dict:
     ours, theirs = work / "ours", work / "lucidrains"
     for folder in (ours, theirs):
         folder.mkdir(parents=True, exist_ok=True)
-    for stale in (ours / "checkpoints", ours / "samples_ddim50", ours / "tensorboard", ours / "samples"):
+    for stale in ("checkpoints", "samples_ddim50", "samples_fast", "tensorboard", "samples"):
+        stale = ours / stale
         shutil.rmtree(stale, ignore_errors=True)  # an earlier run's results (the data stays)
     worker = [sys.executable, __file__, "--worker-dir", str(theirs), "--device", args.device]
     worker += ["--batch", str(args.batch), "--samples", str(args.samples), "--seconds", str(args.seconds)]
     worker += ["--lucidrains-dim", str(args.lucidrains_dim)]
     worker += ["--steps", str(args.steps)] if args.steps else []
+    worker += ["--fast"] if args.fast else []
     cpu = args.device == "cpu"
     started = time.perf_counter()
     a = launch(train_ours(args, ours, overrides), 0 if cpu else None, work / "ours_train.log")
@@ -272,15 +286,20 @@ def run_pair(args: argparse.Namespace, overrides: list[str]) -> dict:
         finish(a, "train.py", work / "ours_train.log")
     sampling = launch(sample_ours(args, ours), 0 if cpu else None, work / "ours_sample.log")
     finish(sampling, "sample.py", work / "ours_sample.log")
+    if args.fast:
+        sampling = launch(sample_ours(args, ours, fast=True), 0 if cpu else None, work / "ours_sample_fast.log")
+        finish(sampling, "sample.py", work / "ours_sample_fast.log")
     finish(b, "lucidrains", work / "lucidrains.log")
-    mine = npz_images(ours / "samples_ddim50" / "samples.npz")
     state = torch.load(ours / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     other = torch.load(theirs / "samples.pt", weights_only=True)
-    return {
-        "ours": {"images": mine, "steps": state["global_step"]},
+    results = {
+        "ours": {"images": npz_images(ours / "samples_ddim50" / "samples.npz"), "steps": state["global_step"]},
         "lucidrains": {"images": other["images"], "steps": other["steps"], "train_seconds": other["seconds"]},
-        "wall_seconds": time.perf_counter() - started,
     }
+    if args.fast:
+        results["ours_fast"] = {"images": npz_images(ours / "samples_fast" / "samples.npz"), "sampler": "DPM++ 20"}
+        results["lucidrains_fast"] = {"images": other["fast_images"], "sampler": "DDIM-20"}
+    return {"systems": results, "wall_seconds": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -294,6 +313,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "quality")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    parser.add_argument("--fast", action="store_true", help="also each system's best 20-step sampler")
     parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
@@ -305,7 +325,8 @@ def main() -> None:
     data = fashion(data_root)
     net, accuracy = classifier(args.cache, data, device)
     print(f"classifier test accuracy: {accuracy:.4f}", flush=True)
-    results = run_pair(args, overrides)
+    run = run_pair(args, overrides)
+    results = run["systems"]
     test = data[2]
     reference, held_out = test[: len(test) // 2], test[len(test) // 2 :][: args.samples]
     report = {
@@ -317,22 +338,25 @@ def main() -> None:
         "overrides": overrides,
         "classifier_test_accuracy": accuracy,
         "real_floor": scores(net, held_out, reference, device),
-        "wall_seconds": results["wall_seconds"],
+        "wall_seconds": run["wall_seconds"],
     }
-    for name in ("ours", "lucidrains"):
-        images = at_28(results[name]["images"])
-        report[name] = {**scores(net, images, reference, device), "steps": results[name]["steps"]}
-        results[name]["images"] = images
+    for name, result in results.items():
+        result["images"] = at_28(result["images"])
+        report[name] = {**scores(net, result["images"], reference, device)}
+        report[name].update({k: v for k, v in result.items() if k in ("steps", "sampler")})
     report["fid_ratio_ours_over_lucidrains"] = report["ours"]["fid"] / report["lucidrains"]["fid"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     side = [grid_image(results[name]["images"][:64]) for name in ("ours", "lucidrains")]
     gap = np.full((side[0].shape[0], 16, 3), 255, dtype=np.uint8)
     write_png(np.concatenate([side[0], gap, side[1]], axis=1), args.out.with_suffix(".png"))
-    for name in ("real_floor", "ours", "lucidrains"):
+    if args.fast:
+        report["fast_fid_ratio_ours_over_lucidrains"] = report["ours_fast"]["fid"] / report["lucidrains_fast"]["fid"]
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for name in ("real_floor", *results):
         r = report[name]
         print(
-            f"{name:>11}: FID {r['fid']:8.3f} (halves {r['fid_halves'][0]:.3f}, {r['fid_halves'][1]:.3f}) "
+            f"{name:>15}: FID {r['fid']:8.3f} (halves {r['fid_halves'][0]:.3f}, {r['fid_halves'][1]:.3f}) "
             f"KID {r['kid']:.4f} precision {r['precision']:.3f} recall {r['recall']:.3f}"
             + (f" steps {r['steps']}" if "steps" in r else "")
         )

@@ -33,7 +33,7 @@ def network_denoiser(
         learned_variance: the network's second C channels are the variance interpolation v in [-1, 1].
         clip_x0: clamp the predicted x_0 to the data range [-1, 1] and recompute eps from it (Ho et al. 2020 clip
             the predicted x_0 when sampling images); leave off for data that is not bounded.
-        dynamic_threshold: a percentile p in (0, 1]: instead of clipping, :func:`dynamic_threshold` of x_0 (Saharia
+        dynamic_threshold: a percentile p in (0, 1]: instead of clipping, :func:`dynamic_thresholding` of x_0 (Saharia
             et al. 2022), eps recomputed from it; ``None`` for none.
         labels: class labels, ``(B,)``, for a class-conditional network; ``None`` for an unconditional one.
         guidance: classifier-free guidance scale w (Ho & Salimans 2022, eq. 6 written as
