@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--first-core", type=int, default=0, help="on a CPU, the jobs' cores start here")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "ablation")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ablation.json")
@@ -59,8 +60,8 @@ def main() -> None:
     data = fashion(args.work / "data")
     net, accuracy = classifier(args.cache, data, device)
     started = time.perf_counter()
-    run_jobs({name: job(args, name, arm, shared) for name, arm in arms.items()}, args.jobs, args.device == "cpu",
-             args.work)  # fmt: skip
+    jobs = {name: job(args, name, arm, shared) for name, arm in arms.items()}
+    run_jobs(jobs, args.jobs, args.device == "cpu", args.work, args.first_core)
     reference = data[2][: len(data[2]) // 2]
     report = {
         "device": args.device,

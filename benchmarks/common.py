@@ -90,11 +90,12 @@ def write_json(path: Path, data: dict) -> None:
     print(f"\nwrote {path}")
 
 
-def run_jobs(jobs: dict[str, list[list[str]]], slots: int, pin: bool, logs: Path) -> None:
+def run_jobs(jobs: dict[str, list[list[str]]], slots: int, pin: bool, logs: Path, first_core: int = 0) -> None:
     """Runs each job (a list of commands, one after the other) in its own process, ``slots`` jobs at a time; with
-    ``pin`` (on a CPU) slot i runs on core i with one thread. A failing job stops the whole run with its log's end."""
+    ``pin`` (on a CPU) each slot runs on its own core (from ``first_core`` on) with one thread. A failing job stops
+    the whole run with its log's end."""
     logs.mkdir(parents=True, exist_ok=True)
-    pending, running, free = list(jobs), {}, list(range(slots))
+    pending, running, free = list(jobs), {}, list(range(first_core, first_core + slots))
     while pending or running:
         while pending and free:
             name, slot = pending.pop(0), free.pop(0)
