@@ -7,9 +7,9 @@
 
 Each arm is ``train.py experiment=fashion`` at ``--batch`` and quality.py's learning rate, for ``--steps`` steps,
 with the shared overrides (after ``--``) and then the arm's own (a space-separated string), followed by
-``sample.py`` drawing ``--samples`` DDIM-50 images from seed 0; the images are scored on quality.py's cached
-classifier against the Fashion-MNIST test set. ``--jobs`` arms run at once as separate processes (on a CPU, each on
-its own core with one thread; on a GPU, sharing it). Writes one JSON of every arm's scores.
+``sample.py`` drawing ``--samples`` DDIM-50 images (``--spacing``) from seed 0; the images are scored on
+quality.py's cached classifier against the Fashion-MNIST test set. ``--jobs`` arms run at once as separate
+processes (on a CPU, each on its own core with one thread; on a GPU, sharing it). Writes one JSON of every arm's scores.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def job(args: argparse.Namespace, name: str, arm: list[str], shared: list[str]) 
     ]  # fmt: skip
     sample = [
         sys.executable, str(ROOT / "sample.py"), f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddim",
-        "sampler.steps=50", f"n={args.samples}", f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0",
+        "sampler.steps=50", f"sampler.spacing={args.spacing}", f"n={args.samples}",
+        f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0",
         f"device={args.device}", f"out_dir={run / 'samples_ddim50'}", "overwrite=true",
     ]  # fmt: skip
     return [train, sample]
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--spacing", default="uniform", help="DDIM-50's timestep spacing (configs/sampler/ddim.yaml's)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--first-core", type=int, default=0, help="on a CPU, the jobs' cores start here")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
@@ -69,6 +71,7 @@ def main() -> None:
         "batch": args.batch,
         "lr": LR,
         "samples": args.samples,
+        "sampler": f"DDIM-50, {args.spacing} spacing",
         "jobs": args.jobs,
         "shared_overrides": shared,
         "classifier_test_accuracy": accuracy,
