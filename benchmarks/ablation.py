@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from common import run_jobs
-from quality import LR, ROOT, at_28, classifier, fashion, npz_images, scores
+from quality import LR, ROOT, at_28, classifier, fashion, npz_images, sample_command, scores
 
 
 def job(args: argparse.Namespace, name: str, arm: list[str], shared: list[str]) -> list[list[str]]:
@@ -33,13 +33,11 @@ def job(args: argparse.Namespace, name: str, arm: list[str], shared: list[str]) 
         f"optimizer.lr={LR}", f"trainer.max_steps={args.steps}", "dataset.download=false",
         *shared, *arm, f"hydra.run.dir={run}",
     ]  # fmt: skip
-    sample = [
-        sys.executable, str(ROOT / "sample.py"), f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddim",
-        "sampler.steps=50", f"sampler.spacing={args.spacing}", f"n={args.samples}",
-        f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0",
-        f"device={args.device}", f"out_dir={run / 'samples_ddim50'}", "overwrite=true",
-    ]  # fmt: skip
-    return [train, sample]
+    ddim = ["sampler=ddim", "sampler.steps=50", f"sampler.spacing={args.spacing}"]
+    return [
+        train,
+        sample_command(run / "checkpoints" / "last.ckpt", run / "samples_ddim50", args.device, args.samples, ddim),
+    ]
 
 
 def main() -> None:

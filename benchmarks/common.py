@@ -90,6 +90,15 @@ def write_json(path: Path, data: dict) -> None:
     print(f"\nwrote {path}")
 
 
+def launch(command: list[str], core: int | None, log: Path) -> subprocess.Popen:
+    """A subprocess writing to ``log``, pinned to ``core`` with one thread when a core is given (on a CPU)."""
+    env = dict(os.environ)
+    if core is not None:
+        command = ["taskset", "-c", str(core), *command]
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
 def run_jobs(jobs: dict[str, list[list[str]]], slots: int, pin: bool, logs: Path, first_core: int = 0) -> None:
     """Runs each job (a list of commands, one after the other) in its own process, ``slots`` jobs at a time; with
     ``pin`` (on a CPU) each slot runs on its own core (from ``first_core`` on) with one thread. A failing job stops
@@ -100,13 +109,7 @@ def run_jobs(jobs: dict[str, list[list[str]]], slots: int, pin: bool, logs: Path
         while pending and free:
             name, slot = pending.pop(0), free.pop(0)
             script = " && ".join(shlex.join(command) for command in jobs[name])
-            command = ["bash", "-c", script]
-            env = dict(os.environ)
-            if pin:
-                command = ["taskset", "-c", str(slot), *command]
-                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-            log = (logs / f"{name}.log").open("w")
-            running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), slot)
+            running[name] = (launch(["bash", "-c", script], slot if pin else None, logs / f"{name}.log"), slot)
             print(f"started {name}" + (f" on core {slot}" if pin else ""), flush=True)
         time.sleep(2)
         for name, (process, slot) in list(running.items()):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import launch  # noqa: E402
 
 from diffusion.datasets import load_fashion  # noqa: E402
 from diffusion.evaluation import ImageMetrics  # noqa: E402
@@ -194,14 +195,21 @@ def train_ours(args: argparse.Namespace, run: Path, overrides: list[str]) -> lis
     ]  # fmt: skip
 
 
+def sample_command(ckpt: Path, out: Path, device: str, samples: int, sampler: list[str]) -> list[str]:
+    """``sample.py`` drawing ``samples`` images from seed 0 with the ``sampler`` overrides into ``out``, as the
+    benchmarks run it (batch 500 on a GPU, 100 on a CPU; the images do not depend on it)."""
+    return [
+        sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", *sampler, f"n={samples}",
+        f"batch_size={500 if device == 'cuda' else 100}", "seed=0", f"device={device}", f"out_dir={out}",
+        "overwrite=true",
+    ]  # fmt: skip
+
+
 def sample_ours(args: argparse.Namespace, run: Path, fast: bool = False) -> list[str]:
     """sample.py's DDIM-50, or (``fast``) its default sampler, DPM-Solver++ at 20 steps."""
     sampler = ["sampler=dpm_solver", "sampler.steps=20"] if fast else ["sampler=ddim", "sampler.steps=50"]
-    return [
-        sys.executable, str(ROOT / "sample.py"), f"ckpt={run / 'checkpoints' / 'last.ckpt'}", *sampler,
-        f"n={args.samples}", f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0",
-        f"device={args.device}", f"out_dir={run / ('samples_fast' if fast else 'samples_ddim50')}",
-    ]  # fmt: skip
+    out = run / ("samples_fast" if fast else "samples_ddim50")
+    return sample_command(run / "checkpoints" / "last.ckpt", out, args.device, args.samples, sampler)
 
 
 def lucidrains_worker(args: argparse.Namespace) -> None:
@@ -246,15 +254,6 @@ def lucidrains_worker(args: argparse.Namespace) -> None:
     if args.fast:
         result["fast_images"] = draw(20)
     torch.save(result, run / "samples.pt")
-
-
-def launch(command: list[str], core: int | None, log: Path) -> subprocess.Popen:
-    """A subprocess, pinned to one core with one thread when ``core`` is given (the CPU mode)."""
-    env = dict(os.environ)
-    if core is not None:
-        command = ["taskset", "-c", str(core), *command]
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def finish(process: subprocess.Popen, what: str, log: Path) -> None:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from common import run_jobs
-from quality import ROOT, at_28, classifier, fashion, npz_images, scores
+from quality import ROOT, at_28, classifier, fashion, npz_images, sample_command, scores
 
 ARMS = {
     # DDIM (eta 0) at 50 steps: the spacings, then clipping with the configured spacing (quadratic)
@@ -50,17 +49,11 @@ ARMS = {
 DEFAULT_ARMS = [name for name in ARMS if name != "ddim250"]  # DDIM-250 is slow on a CPU: ask for it by name
 
 
-def command(args: argparse.Namespace, arm: str, out: Path) -> list[str]:
-    return [
-        sys.executable, str(ROOT / "sample.py"), f"ckpt={args.ckpt}", *ARMS[arm], f"n={args.samples}",
-        f"batch_size={500 if args.device == 'cuda' else 100}", "seed=0", f"device={args.device}", f"out_dir={out}",
-        "overwrite=true", "gif_frames=2", "gif_images=1",
-    ]  # fmt: skip
-
-
 def run_arms(args: argparse.Namespace) -> dict[str, dict]:
     """Runs the arms, ``--jobs`` at a time; returns each arm's sample.py results.json."""
-    jobs = {arm: [command(args, arm, args.work / arm)] for arm in args.arms}
+    jobs = {
+        arm: [sample_command(args.ckpt, args.work / arm, args.device, args.samples, ARMS[arm])] for arm in args.arms
+    }
     run_jobs(jobs, args.jobs, args.device == "cpu", args.work)
     return {arm: json.loads((args.work / arm / "results.json").read_text()) for arm in args.arms}
 
