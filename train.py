@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
 import tempfile
@@ -101,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     if stopped_by:
         if last:
-            rank_zero_info(f"Resume with: python train.py {' '.join(resume_overrides())} ckpt_path={last}")
+            rank_zero_info(f"Resume with: {resume_command(run_dir, last)}")
         raise SystemExit(128 + stopped_by)
     return metrics
 
@@ -123,12 +124,13 @@ def record_hyperparameters(trainer: Trainer, hparams: dict[str, dict[str, Any]],
             writer.flush()
 
 
-def resume_overrides() -> list[str]:
-    """This run's command-line overrides, less any earlier ``ckpt_path``/``resume`` (empty outside Hydra)."""
-    if not HydraConfig.initialized():
-        return []
-    overrides = HydraConfig.get().overrides.task
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "resume")]
+def resume_command(run_dir: Path, last: str) -> str:
+    """The shell command that resumes this run in its own directory: its command-line overrides (less any earlier
+    ``ckpt_path``/``resume``/``hydra.run.dir``), quoted for a POSIX shell."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "resume")]
+    words = ["python", "train.py", *kept, f"hydra.run.dir={run_dir}", f"ckpt_path={last}"]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def check_writable(run_dir: Path, folders: list[str | None], module: DiffusionModule) -> None:

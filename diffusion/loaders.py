@@ -106,11 +106,29 @@ class ResumableLoader:
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.batch_sampler.epoch, "served": self.served}
+        sampler = self.batch_sampler
+        return {
+            "epoch": sampler.epoch,
+            "served": self.served,
+            "batch_size": sampler.batch_size,
+            "world_size": sampler.sampler.num_replicas,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.set_epoch(state["epoch"])
-        self.batch_sampler.start = state["served"]
+        """Continues the saved epoch at the saved position. A checkpoint of another number of processes or batch
+        size continues at the same count of images into the epoch: rank r of W takes elements r, r + W, ... of the
+        epoch's permutation, so after k batches of B on W processes the images seen are the permutation's first
+        k B W, on any W; the rest of the epoch then holds the images not yet seen (up to one batch's rounding)."""
+        sampler = self.batch_sampler
+        sampler.set_epoch(state["epoch"])
+        served = state["served"]
+        saved_images_per_batch = state.get("batch_size", sampler.batch_size) * state.get(
+            "world_size", sampler.sampler.num_replicas
+        )
+        images_per_batch = sampler.batch_size * sampler.sampler.num_replicas
+        if saved_images_per_batch != images_per_batch:
+            served = min(len(sampler), served * saved_images_per_batch // images_per_batch)
+        sampler.start = served
 
 
 def worker_loader(

@@ -48,6 +48,17 @@ class LossByQuartile(Metric):
         return self.total / self.count
 
 
+def own_storage(state: Tensor) -> Tensor:
+    """A random-number state as ``torch.set_rng_state`` can take it: uint8, contiguous, in a storage of its own.
+
+    Checkpoints of multi-process runs written before this fix hold each process's state as a view into one shared
+    storage; loaded, rank k's view starts at offset k * n, and ``torch.set_rng_state`` of a tensor with a non-zero
+    storage offset segfaults (PyTorch 2.14:
+    ``s = torch.get_rng_state(); torch.set_rng_state(torch.cat([s, s])[len(s):])``).
+    """
+    return state.to(torch.uint8).clone(memory_format=torch.contiguous_format)
+
+
 class DiffusionModule(LightningModule):
     """Trains ``UNet`` on the objective of ``configs/diffusion/*.yaml``. Every argument is a plain dict saved with
     ``save_hyperparameters``, so a checkpoint alone rebuilds the model: ``DiffusionModule(**ckpt["hyper_parameters"])``.
@@ -153,6 +164,11 @@ class DiffusionModule(LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.world_size > 1:
+            # seed_everything gives every process the same seed, so without this the processes of a data-parallel
+            # run would draw the same timesteps, noise, label dropout and dropout masks for their different images.
+            # Rank 0 keeps the seed of a one-process run; a resume then restores each process's own state.
+            torch.manual_seed(self.hparams["data"]["seed"] + 1_000_003 * self.global_rank)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not self.conditional:
             return
@@ -281,7 +297,9 @@ class DiffusionModule(LightningModule):
         for name, state in states.items():
             if self.trainer.world_size > 1:
                 every = self.all_gather(state.to(self.device)).cpu()  # (world, n)
-                gathered[name] = list(every.unbind(0))
+                # One tensor with its own storage per process: rows of `every` are views into one storage, and a
+                # view with a non-zero storage offset makes torch.set_rng_state segfault (PyTorch 2.14).
+                gathered[name] = [row.clone() for row in every.unbind(0)]
             else:
                 gathered[name] = [state]
         checkpoint["rng_states"] = gathered
@@ -295,12 +313,13 @@ class DiffusionModule(LightningModule):
         if len(states["cpu"]) != world:
             rank_zero_warn(
                 f"the checkpoint holds random-number states of {len(states['cpu'])} processes, this run has {world}: "
-                "training continues exactly (model, EMA, optimizer, step) but draws fresh random numbers"
+                "training continues from the same model, EMA, optimizer, step and count of images into the epoch, but "
+                "draws fresh random numbers, so it is not the run that would have continued on as many processes"
             )
             return
-        torch.set_rng_state(states["cpu"][rank].to(torch.uint8))
+        torch.set_rng_state(own_storage(states["cpu"][rank]))
         if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8), self.trainer.strategy.root_device)
+            torch.cuda.set_rng_state(own_storage(states["cuda"][rank]), self.trainer.strategy.root_device)
 
     def _apply_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
         """On resume, the optimizer settings of this run replace the checkpoint's, with a message: AdamW's

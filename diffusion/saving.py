@@ -8,11 +8,15 @@ Lightning 2.6 leaves three gaps, each of which lost finished work:
   saves nothing either.
 - Its checkpoint writer stages the file in ``$TMPDIR`` and moves it into place: across filesystems that is a copy,
   and a kill or a full disk during it truncates ``last.ckpt``, destroying the previous good one.
+
+And its SIGTERM handling does not stop a multi-process run at one step: the handler forwards the signal to the
+processes it launched and runs a collective broadcast from inside the signal handler, and each process stops at the
+end of whichever step it is in when its own flag is set. Collectives then meet out of order (rank 0 gathering the
+checkpoint's RNG states while rank 1 broadcasts or reduces gradients), and the run hangs.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -56,9 +60,10 @@ class Checkpoints(ModelCheckpoint):
       ``on_train_end``: Lightning runs checkpoint callbacks after all others in each hook, so a preview that
       failed there used to end the run before anything was saved), and again in ``on_train_end`` if the run
       ended some other way.
-    - SIGTERM and Ctrl-C: Lightning's own SIGTERM handling stops the run between two steps, on every process at the
-      same step; ``last.ckpt`` is written then. A first Ctrl-C is turned into that same SIGTERM, so that it too
-      ends at a step boundary (never between the weights' update and the EMA's); a second Ctrl-C aborts at once,
+    - SIGTERM and Ctrl-C: the handlers only note the signal. At the end of each training step (after the EMA's
+      update) the processes agree whether any of them received one (an all-reduce; Lightning 2.6 already
+      synchronises every DDP step for its own SIGTERM broadcast), and if so every process stops at that step,
+      through Lightning's own ``SIGTERMException``, and ``last.ckpt`` is written. A second Ctrl-C aborts at once,
       leaving the previous ``last.ckpt``.
 
     The periodic ``step_NNNNNNN.ckpt`` files keep their own steps, as before. A crash inside a training step
@@ -67,30 +72,47 @@ class Checkpoints(ModelCheckpoint):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.signal_received: int | None = None
+        self.signal_received: int | None = None  # the signal that stopped the run, for train.py's message
+        self._requested: int | None = None  # a signal noted by this process, not yet acted on
         self._last_saved_step: int | None = None
-        self._previous_sigint: Any = None
+        self._previous_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ signals
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        if threading.current_thread() is threading.main_thread():  # Lightning registered its own handlers before
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C aborts at once
-        self.signal_received = signal.SIGINT
-        rank_zero_info("\nCtrl-C: stopping after this step and saving checkpoints/last.ckpt (Ctrl-C again aborts now)")
-        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler stops the run at the next step boundary
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = ""
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C aborts at once
+            again = " (Ctrl-C again aborts now)"
+        rank_zero_info(f"\n{name}: stopping after this step and saving checkpoints/last.ckpt{again}")
+        if self._requested is None:
+            self._requested = signum
+
+    def _stop_if_signalled(self, trainer: Trainer) -> None:
+        """Stops every process at this step when any of them received a signal."""
+        requested = self._requested is not None
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self.signal_received = self._requested or signal.SIGTERM  # a process that was only told: SIGTERM
+            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after this step
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     # ------------------------------------------------------------------ the final step
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
+        self._stop_if_signalled(trainer)
         if _training_ends(trainer):
             self.save_final(trainer)
 

@@ -69,6 +69,21 @@ def test_resume_on_the_gpu_is_exact(tmp_path):
     for key in ("state_dict", "current_model_state"):
         for name, value in a[key].items():
             torch.testing.assert_close(b[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    assert set(a["rng_states"]) == {"cpu", "cuda"}  # the CUDA generator's state is saved and restored too
+    for name in ("cpu", "cuda"):
+        assert torch.equal(a["rng_states"][name][0], b["rng_states"][name][0]), name
+
+
+def test_the_cuda_rng_state_of_a_second_process_restores():
+    """A multi-process checkpoint stores rank 1's CUDA state after rank 0's; as a view (storage offset n) it made
+    torch.set_rng_state crash on the CPU; the loader hands the CUDA generator a tensor of its own."""
+    from diffusion.module import own_storage
+
+    state = torch.cuda.get_rng_state()
+    rank1 = torch.stack([torch.zeros_like(state), state]).unbind(0)[1]
+    torch.cuda.manual_seed(123)
+    torch.cuda.set_rng_state(own_storage(rank1))
+    assert torch.equal(torch.cuda.get_rng_state(), state)
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,19 @@ def test_bad_ema_settings_are_refused():
 # ---------------------------------------------------------------- whole runs
 
 
+def test_without_the_ema_the_checkpoint_holds_the_trained_weights_and_samples_say_so(tmp_path):
+    """`~callbacks.ema` trains without an average: state_dict holds the trained weights, and sample.py, which
+    samples the EMA by default, warns that there is none and samples them."""
+    run = tmp_path / "run"
+    run_train(run, "~callbacks.ema", "~callbacks.samples")
+    state = load_state(run / "checkpoints" / "last.ckpt")
+    assert "current_model_state" not in state and "averaging_state" not in state
+    overrides = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddim", "sampler.steps=2", "n=2"]
+    result = run_script("sample.py", *overrides, f"out_dir={tmp_path / 'samples'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "holds no EMA weights; sampling with the trained weights" in result.stderr
+
+
 def test_a_finished_run_keeps_the_average_and_the_raw_weights(tmp_path):
     """No periodic checkpoint, so last.ckpt is written at the end of training: the average in state_dict, the raw
     weights in current_model_state, and ema=false samples the raw ones."""

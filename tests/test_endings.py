@@ -25,7 +25,7 @@ def run_train(run_dir, *overrides):
     return train(compose_config("train", ["debug=smoke", *overrides], run_dir))
 
 
-def start_training(run, every_n_steps: int, **popen) -> subprocess.Popen:
+def start_training(run, every_n_steps: int, *overrides: str, **popen) -> subprocess.Popen:
     """train.py in a subprocess, as a user starts it, for many steps with a checkpoint every ``every_n_steps``."""
     return subprocess.Popen(
         [
@@ -35,6 +35,7 @@ def start_training(run, every_n_steps: int, **popen) -> subprocess.Popen:
             "trainer.max_steps=100000",
             f"callbacks.model_checkpoint.every_n_train_steps={every_n_steps}",
             "dataset.batch_size=16",
+            *overrides,
             f"hydra.run.dir={run}",
         ],
         cwd=ROOT,
@@ -49,6 +50,23 @@ def test_last_checkpoint_holds_the_final_step_after_an_earlier_periodic_one(tmp_
     steps = sorted(load_state(p)["global_step"] for p in (run / "checkpoints").glob("step_*.ckpt"))
     assert steps == [3, 6]  # the periodic files keep their own steps
     assert (run / "samples" / "step_0000007.png").is_file()
+
+
+def test_the_periodic_checkpoints_keep_the_five_most_recent(tmp_path):
+    run = tmp_path / "run"
+    run_train(run, "~callbacks.samples", "trainer.max_steps=7", "callbacks.model_checkpoint.every_n_train_steps=1")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        *(f"step_{step:07d}.ckpt" for step in range(3, 8)),
+    ]
+
+
+def test_max_time_ends_the_run_with_its_last_step_saved(tmp_path, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        run_train(run, "~callbacks.samples", "trainer.max_steps=100000", "+trainer.max_time=00:00:00:05")
+    final = int(re.search(r"Training finished at step (\d+)", caplog.text).group(1))
+    assert 0 < final < 100000 and load_state(run / "checkpoints" / "last.ckpt")["global_step"] == final
 
 
 @pytest.mark.slow
@@ -68,6 +86,30 @@ def test_a_signal_stops_at_a_step_saves_it_and_says_how_to_resume(tmp_path, how,
     assert load_state(run / "checkpoints" / "last.ckpt")["global_step"] == int(stopped.group(2)) > 7
     assert f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in output and "Resume with: python train.py" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_previous_checkpoint(tmp_path):
+    """The second Ctrl-C comes once the first is acknowledged, inside the same step (steps of 512 images take about
+    a second): the run ends without reaching a step boundary, and last.ckpt keeps the periodic step 2."""
+    run = tmp_path / "run"
+    process = start_training(
+        run, 2, "dataset.batch_size=512", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:  # written after step 2
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = ""
+    for line in process.stdout:
+        output += line
+        if "Ctrl-C again aborts now" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    output += process.communicate(timeout=120)[0]
+    assert process.returncode not in (0, 130), output[-3000:]
+    assert "Training stopped by" not in output, output[-3000:]
+    assert load_state(run / "checkpoints" / "last.ckpt")["global_step"] == 2  # the periodic one, whole
 
 
 @pytest.mark.slow

@@ -82,12 +82,33 @@ def test_a_loader_resumes_with_the_next_batch(kind):
     it = iter(interrupted)
     seen = [next(it)[1].tolist() for _ in range(2)]
     state = interrupted.state_dict()
-    assert state == {"epoch": 3, "served": 2}
+    assert state == {"epoch": 3, "served": 2, "batch_size": 8, "world_size": 1}
     resumed = make()
     resumed.load_state_dict(state)
     rest = [y.tolist() for _, y in resumed]
     assert seen + rest == expected
     assert [y.tolist() for _, y in resumed] == expected  # later passes start at the beginning
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 4)])
+def test_a_resume_on_another_number_of_processes_sees_the_rest_of_the_epoch(before, after):
+    """4 batches of 4 on each of ``before`` processes, resumed on ``after``: the rest of the epoch holds exactly the
+    images not yet seen (the positions convert through the images seen, 4 * 4 * before, which 4 * ``after``
+    divides)."""
+    images, labels = _images(48)
+    seen = []
+    for rank in range(before):
+        loader = device_loader(images, labels, sampler(48, 4, rank=rank, world_size=before))
+        loader.batch_sampler.set_epoch(2)
+        it = iter(loader)
+        seen += [i for _ in range(4) for i in next(it)[1].tolist()]
+    state = loader.state_dict()
+    rest = []
+    for rank in range(after):
+        resumed = device_loader(images, labels, sampler(48, 4, rank=rank, world_size=after))
+        resumed.load_state_dict(state)
+        rest += [i for _, y in resumed for i in y.tolist()]
+    assert sorted(seen + rest) == list(range(48))
 
 
 def test_device_held_data_gives_the_same_batches_as_the_dataloader():

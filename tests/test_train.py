@@ -121,40 +121,6 @@ def test_resume_continues_exactly(tmp_path):
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 8
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_with_ddp_share_one_run_directory_and_the_fid(tmp_path):
-    """DDP over two CPU processes (gloo); FID/KID drawn and reduced over both at the end of the first epoch."""
-    run = tmp_path / "run"
-    fid = [
-        "callbacks.fid.every_n_epochs=1",
-        "callbacks.fid.num_samples=8",
-        "callbacks.fid.steps=3",
-        "callbacks.fid.batch_size=4",
-        "callbacks.fid.reference_images=40",
-        TINY_FEATURES,
-    ]
-    result = run_script(
-        "train.py",
-        "debug=smoke",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "dataset.batch_size=256",
-        *fid,
-        f"hydra.run.dir={run}",
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
-    state = load_state(run / "checkpoints" / "last.ckpt")
-    assert state["global_step"] == 4 and len(state["rng_states"]["cpu"]) == 2  # one RNG state per process
-    writers = {p.name.split(".")[-2] for p in (run / "tensorboard").glob("events.out.tfevents.*")}
-    assert len(writers) == 1  # one process (rank zero) alone writes
-    assert len(list(tmp_path.iterdir())) == 1  # no second run directory
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    assert {"val/fid", "val/kid"} <= set(events.Tags()["scalars"])
-
-
 def test_help_lists_the_groups_each_script_takes():
     result = run_script("train.py", "--help")
     for group in ("dataset", "model", "diffusion", "sampler", "trainer", "callbacks", "logger", "experiment"):
