@@ -18,15 +18,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from diffusion.checkpoints import load_model
-from diffusion.data import DiffusionDataModule
+from diffusion.core.drawing import Samples, draw
+from diffusion.data.datamodule import DiffusionDataModule
 from diffusion.errors import RunError, report_errors
-from diffusion.evaluation import fid_against, nll_bits_per_dim
-from diffusion.module import DiffusionModule
-from diffusion.reports import results_table
-from diffusion.sampling import Samples, draw
+from diffusion.outputs.evaluation import fid_against, nll_bits_per_dim
+from diffusion.outputs.reports import results_table
+from diffusion.outputs.writers import write_gif, write_grid, write_images, write_json, write_npz
 from diffusion.settings import SampleSettings, check_sample, config_options
-from diffusion.writers import write_gif, write_grid, write_images, write_json, write_npz
+from diffusion.training.checkpoint_reading import load_model
+from diffusion.training.module import DiffusionModule
 
 ConfigStore.instance().store(name="sample_schema", node=SampleSettings)
 OmegaConf.register_new_resolver("options", config_options, replace=True)  # for --help

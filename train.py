@@ -22,11 +22,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
-from diffusion.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
-from diffusion.data import DiffusionDataModule
+from diffusion.data.datamodule import DiffusionDataModule
 from diffusion.errors import RunError, report_errors
-from diffusion.module import DiffusionModule
 from diffusion.settings import TrainSettings, check_train, config_options
+from diffusion.training.checkpoint_reading import check_resumable, find_last_checkpoint, load_checkpoint
+from diffusion.training.module import DiffusionModule
 
 ConfigStore.instance().store(name="train_schema", node=TrainSettings)
 OmegaConf.register_new_resolver("options", config_options, replace=True)  # for --help

@@ -32,7 +32,7 @@ def peak_bytes(preset: str, batch: int, device: str, precision: str) -> dict[str
     import torch.nn.functional as F
     from omegaconf import OmegaConf
 
-    from diffusion.unet import UNet
+    from diffusion.core.unet import UNet
 
     torch.set_num_threads(1)
     settings = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{preset}.yaml"))

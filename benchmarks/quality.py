@@ -45,9 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 from common import launch  # noqa: E402
 
-from diffusion.datasets import load_fashion  # noqa: E402
-from diffusion.evaluation import ImageMetrics  # noqa: E402
-from diffusion.writers import grid_image, write_png  # noqa: E402
+from diffusion.data.datasets import load_fashion  # noqa: E402
+from diffusion.outputs.evaluation import ImageMetrics  # noqa: E402
+from diffusion.outputs.writers import grid_image, write_png  # noqa: E402
 
 LR = 2e-4  # experiment=fashion's learning rate, used for both systems
 

@@ -4,7 +4,7 @@
     python benchmarks/sampling.py --device cuda --threads 0 --batch 256 --precision bf16 --compile --channels-last
     python benchmarks/sampling.py --device cuda --threads 0 --batch 500 --lucidrains   # DDIM-50 against lucidrains'
 
-Samples go through ``diffusion.sampling.draw``, the code that the training callbacks and sample.py use, under
+Samples go through ``diffusion.core.drawing.draw``, the code that the training callbacks and sample.py use, under
 ``torch.inference_mode``, with the UNet of ``--model`` (random weights: speed does not depend on them). In
 --quick mode every sampler runs --steps steps and its images per second at its default number of steps is
 derived from the measured seconds per evaluation (marked "derived"); otherwise each runs its default steps.
@@ -25,11 +25,11 @@ from common import ROOT, interleaved, machine, setup_device, table, write_json
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.module import DiffusionModule
-from diffusion.samplers import final
-from diffusion.sampling import draw
-from diffusion.schedules import NoiseSchedule
-from diffusion.targets import Prediction
+from diffusion.core.drawing import draw
+from diffusion.core.samplers import final
+from diffusion.core.schedules import NoiseSchedule
+from diffusion.core.targets import Prediction
+from diffusion.training.module import DiffusionModule
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "sde", "ode")
 

@@ -42,9 +42,9 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 from train_throughput import conv_shapes, diffusers_ddpm, measure_peak
 
-from diffusion.datasets import load_fashion
-from diffusion.schedules import NoiseSchedule, make_betas
-from diffusion.unet import UNet
+from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.core.unet import UNet
+from diffusion.data.datasets import load_fashion
 
 SIZE, CHANNELS = 32, 1
 

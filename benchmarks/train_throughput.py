@@ -24,10 +24,10 @@ from common import ROOT, interleaved, machine, setup_device, table, write_json
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion.data import random_hflip
-from diffusion.images import to_model_range
-from diffusion.loaders import ShardedBatchSampler, device_loader
-from diffusion.unet import UNet
+from diffusion.core.images import to_model_range
+from diffusion.core.unet import UNet
+from diffusion.data.datamodule import random_hflip
+from diffusion.data.loaders import ShardedBatchSampler, device_loader
 
 
 def ours(preset: str) -> torch.nn.Module:

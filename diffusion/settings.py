@@ -17,8 +17,8 @@ from typing import Any, get_args
 
 from omegaconf import MISSING
 
+from diffusion.core.schedules import Spacing
 from diffusion.errors import RunError
-from diffusion.schedules import Spacing
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffusion.schedules import NoiseSchedule
-from diffusion.targets import Denoiser, Prediction
+from diffusion.core.schedules import NoiseSchedule
+from diffusion.core.targets import Denoiser, Prediction
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,8 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, script, argument
 
 def test_a_value_error_inside_a_library_keeps_its_traceback():
     """Only the project's own checks become one-paragraph errors; a ValueError raised inside a library is a bug."""
+    from diffusion.core.schedules import make_betas
     from diffusion.errors import report_errors
-    from diffusion.schedules import make_betas
 
     with pytest.raises(SystemExit):
         report_errors(lambda: make_betas("wavy", 100))()  # the project's check: reported

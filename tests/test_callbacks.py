@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.callbacks import NonFiniteLossGuard
 from diffusion.errors import RunError
-from diffusion.writers import grid_image, write_gif, write_grid, write_npz
+from diffusion.outputs.writers import grid_image, write_gif, write_grid, write_npz
+from diffusion.training.callbacks import NonFiniteLossGuard
 
 
 def fake_trainer(**fields):
@@ -80,7 +80,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
         Path(target).write_bytes(b"half a PNG")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("diffusion.writers.iio.imwrite", interrupted)
+    monkeypatch.setattr("diffusion.outputs.writers.iio.imwrite", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_grid(torch.full((1, 1, 8, 8), 255, dtype=torch.uint8), path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]

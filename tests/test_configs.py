@@ -9,9 +9,9 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer
 
-from diffusion.data import DiffusionDataModule
-from diffusion.ema import ema_decay
-from diffusion.module import DiffusionModule
+from diffusion.core.ema import ema_decay
+from diffusion.data.datamodule import DiffusionDataModule
+from diffusion.training.module import DiffusionModule
 from tests.helpers import CONFIGS, compose_config
 from train import hyperparameters
 

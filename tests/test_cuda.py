@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, ode_sample, sde_sample
-from diffusion.schedules import NoiseSchedule, make_betas
+from diffusion.core.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, ode_sample, sde_sample
+from diffusion.core.schedules import NoiseSchedule, make_betas
 from sample import sample
 from tests.analytic import MIXTURE
 from tests.helpers import compose_config, load_state
@@ -77,7 +77,7 @@ def test_resume_on_the_gpu_is_exact(tmp_path):
 def test_the_cuda_rng_state_of_a_second_process_restores():
     """A multi-process checkpoint stores rank 1's CUDA state after rank 0's; as a view (storage offset n) it made
     torch.set_rng_state crash on the CPU; the loader hands the CUDA generator a tensor of its own."""
-    from diffusion.module import own_storage
+    from diffusion.training.module import own_storage
 
     state = torch.cuda.get_rng_state()
     rank1 = torch.stack([torch.zeros_like(state), state]).unbind(0)[1]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.data import DiffusionDataModule, random_hflip
-from diffusion.datasets import (
+from diffusion.data.datamodule import DiffusionDataModule, random_hflip
+from diffusion.data.datasets import (
     ImageFolder,
     check_readable,
     fit_images,

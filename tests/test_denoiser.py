@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from diffusion.denoiser import dynamic_thresholding, network_denoiser
-from diffusion.schedules import NoiseSchedule, make_betas
-from diffusion.targets import from_x0_eps
+from diffusion.core.denoiser import dynamic_thresholding, network_denoiser
+from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.core.targets import from_x0_eps
 
 SCHEDULE = NoiseSchedule(make_betas("linear", 1000))
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule
 
-from diffusion.callbacks import EMA
-from diffusion.ema import ema_decay, half_life_of_decay
-from diffusion.module import DiffusionModule
+from diffusion.core.ema import ema_decay, half_life_of_decay
+from diffusion.training.callbacks import EMA
+from diffusion.training.module import DiffusionModule
 from sample import sample
 from tests.helpers import compose_config, load_state, run_script
 from train import hyperparameters, train
@@ -231,7 +231,7 @@ def test_a_run_stopped_during_validation_saves_the_weights_unswapped(tmp_path, m
     state_dict and the raw weights in current_model_state (compared with a run stopped just before validation)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from diffusion.module import DiffusionModule as Module
+    from diffusion.training.module import DiffusionModule as Module
 
     def stop(self, batch, batch_idx):
         raise SIGTERMException()

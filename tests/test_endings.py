@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from diffusion.errors import RunError
-from diffusion.saving import AtomicCheckpointIO
+from diffusion.training.checkpoint_writing import AtomicCheckpointIO
 from tests.helpers import ROOT, compose_config, load_state, run_script
 from train import train
 
@@ -144,7 +144,7 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_one(tmp_path, monkeypa
         assert os.path.dirname(f) == str(folder)  # ... which lies beside the target
         raise failure  # ... then the process is interrupted or the disk is full
 
-    monkeypatch.setattr("diffusion.saving.torch.save", cut_short)
+    monkeypatch.setattr("diffusion.training.checkpoint_writing.torch.save", cut_short)
     expected = KeyboardInterrupt if failure is KeyboardInterrupt else RunError
     with pytest.raises(expected, match=None if expected is KeyboardInterrupt else "previous checkpoint there"):
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, folder / "last.ckpt")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from diffusion.callbacks import Previews
-from diffusion.module import DiffusionModule
-from diffusion.samplers.base import respaced
-from diffusion.schedules import NoiseSchedule, make_betas
+from diffusion.core.samplers.base import respaced
+from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.training.callbacks import Previews
+from diffusion.training.module import DiffusionModule
 from tests.helpers import compose_config, load_state, run_script
 from train import hyperparameters, train
 
@@ -47,7 +47,7 @@ class GradProbe(Callback):
 # Lightning turns 16-mixed into bf16-mixed on CPUs; its float16 plugin with a CPU GradScaler, given explicitly,
 # runs the loss-scaling path that CUDA's 16-mixed takes.
 FP16_WITH_SCALER = (
-    "trainer.plugins=[{_target_: diffusion.saving.AtomicCheckpointIO}, {_target_: "
+    "trainer.plugins=[{_target_: diffusion.training.checkpoint_writing.AtomicCheckpointIO}, {_target_: "
     "lightning.pytorch.plugins.precision.MixedPrecision, precision: 16-mixed, device: cpu, scaler: {_target_: "
     "torch.amp.GradScaler, device: cpu}}]"
 )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion.images import to_model_range, to_nhwc, to_uint8
+from diffusion.core.images import to_model_range, to_nhwc, to_uint8
 
 
 def test_every_8bit_level_round_trips_exactly():

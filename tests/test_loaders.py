@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from diffusion.loaders import ShardedBatchSampler, device_loader, worker_loader
+from diffusion.data.loaders import ShardedBatchSampler, device_loader, worker_loader
 
 
 def sampler(n=50, batch_size=8, *, shuffle=True, full_batches=True, seed=0, rank=0, world_size=1):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from diffusion.losses import (
+from diffusion.core.losses import (
     discretized_gaussian_log_likelihood,
     min_snr_weight,
     normal_kl,
@@ -15,9 +15,9 @@ from diffusion.losses import (
     vb_terms_bpd,
     vlb_terms_bpd,
 )
-from diffusion.reverse import p_mean_variance
-from diffusion.schedules import NoiseSchedule, make_betas
-from diffusion.targets import TARGETS, Prediction, eps_from_x0, from_x0_eps
+from diffusion.core.reverse import p_mean_variance
+from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.core.targets import TARGETS, Prediction, eps_from_x0, from_x0_eps
 from tests.analytic import GAUSSIAN
 
 LEVELS = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 8-bit values, scaled to [-1, 1]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from diffusion.lr_schedule import lr_factor
+from diffusion.core.lr_schedule import lr_factor
 
 
 def test_the_warm_up_is_linear_and_reaches_one():

@@ -106,7 +106,7 @@ def test_a_checkpoint_written_before_the_fix_still_resumes(tmp_path):
     loading one restores the state (checked in a subprocess, since the bug was a segfault)."""
     script = (
         "import torch\n"
-        "from diffusion.module import own_storage\n"
+        "from diffusion.training.module import own_storage\n"
         "s = torch.get_rng_state()\n"
         "views = list(torch.stack([s, s]).unbind(0))\n"
         f"torch.save(views, {str(tmp_path / 'states.pt')!r})\n"

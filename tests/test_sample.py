@@ -11,7 +11,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from diffusion.errors import RunError
-from diffusion.module import DiffusionModule
+from diffusion.training.module import DiffusionModule
 from sample import sample
 from tests.helpers import compose_config, run_script
 from train import train
@@ -216,7 +216,7 @@ def test_evaluation_finds_the_split_of_the_training_run(trained):
     """The validation split follows from the training seed, which the checkpoint keeps with the data settings."""
     from omegaconf import OmegaConf
 
-    from diffusion.data import DiffusionDataModule
+    from diffusion.data.datamodule import DiffusionDataModule
     from sample import dataset_for
 
     hparams = torch.load(trained["ckpt"], weights_only=True)["hyper_parameters"]

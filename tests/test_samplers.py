@@ -13,9 +13,17 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.distributions import Normal
 
-from diffusion.samplers import ddim_invert, ddim_sample, ddpm_sample, dpm_solver_sample, final, ode_sample, sde_sample
-from diffusion.schedules import NoiseSchedule, make_betas
-from diffusion.targets import Prediction
+from diffusion.core.samplers import (
+    ddim_invert,
+    ddim_sample,
+    ddpm_sample,
+    dpm_solver_sample,
+    final,
+    ode_sample,
+    sde_sample,
+)
+from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.core.targets import Prediction
 from tests.analytic import GAUSSIAN, MIXTURE
 
 LINEAR = NoiseSchedule(make_betas("linear", 1000))

@@ -1,5 +1,5 @@
-"""The one sampling pipeline (diffusion.sampling.draw): image k depends only on (seed, k), whatever the batch size or
-the process that draws it; network evaluations are counted; GIF frames are thinned. And its callers agree: the
+"""The one sampling pipeline (diffusion.core.drawing.draw): image k depends only on (seed, k), whatever the batch size
+or the process that draws it; network evaluations are counted; GIF frames are thinned. And its callers agree: the
 training preview equals sample.py's first images from the same checkpoint and seed."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.sampling import BLOCK, ImageNoise, draw
-from diffusion.schedules import NoiseSchedule, make_betas
+from diffusion.core.drawing import BLOCK, ImageNoise, draw
+from diffusion.core.schedules import NoiseSchedule, make_betas
 from sample import sample
 from tests.analytic import MIXTURE
 from tests.helpers import CONFIGS, compose_config

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffusion.schedules import SCHEDULES, NoiseSchedule, make_betas, spaced_timesteps
+from diffusion.core.schedules import SCHEDULES, NoiseSchedule, make_betas, spaced_timesteps
 
 ALL = sorted(SCHEDULES)
 

@@ -11,9 +11,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.module import DiffusionModule
-from diffusion.sampling import draw
-from diffusion.unet import Dropout, UNet
+from diffusion.core.drawing import draw
+from diffusion.core.unet import Dropout, UNet
+from diffusion.training.module import DiffusionModule
 from tests.helpers import compose_config
 from train import hyperparameters
 

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from diffusion.schedules import SCHEDULES, NoiseSchedule, make_betas
-from diffusion.targets import TARGETS, eps_from_x0, from_x0_eps, to_x0_eps, x0_error_scale
+from diffusion.core.schedules import SCHEDULES, NoiseSchedule, make_betas
+from diffusion.core.targets import TARGETS, eps_from_x0, from_x0_eps, to_x0_eps, x0_error_scale
 
 PAIRS = list(itertools.product(TARGETS, TARGETS))
 

@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffusion.errors import RunError
-from diffusion.module import LossByQuartile
+from diffusion.training.module import LossByQuartile
 from tests.helpers import compose_config, load_state, run_script, write_cifar, write_image_folder, write_mnist
 from train import train
 

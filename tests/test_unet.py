@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion.losses import training_losses
-from diffusion.schedules import NoiseSchedule, make_betas
-from diffusion.unet import UNet, timestep_embedding
+from diffusion.core.losses import training_losses
+from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.core.unet import UNet, timestep_embedding
 
 
 def preset(name, **overrides):

@@ -9,8 +9,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from diffusion.schedules import NoiseSchedule, Spacing, spaced_timesteps
-from diffusion.targets import Denoiser
+from diffusion.core.schedules import NoiseSchedule, Spacing, spaced_timesteps
+from diffusion.core.targets import Denoiser
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def timestep_batch(t: int, x: Tensor) -> Tensor:
 
 
 class NoiseSource(Protocol):
-    """Noise with a stream per image (:class:`diffusion.sampling.ImageNoise`): ``randn_like(x)`` is standard normal
+    """Noise with a stream per image (:class:`diffusion.core.drawing.ImageNoise`): ``randn_like(x)`` is standard normal
     noise shaped like x, on its device and in its dtype."""
 
     def randn_like(self, x: Tensor) -> Tensor: ...

@@ -1,4 +1,4 @@
-"""A trained network as a :data:`diffusion.targets.Denoiser`: target resolution, guidance and clipping."""
+"""A trained network as a :data:`diffusion.core.targets.Denoiser`: target resolution, guidance and clipping."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion.schedules import NoiseSchedule
-from diffusion.targets import Denoiser, Prediction, Target, eps_from_x0, to_x0_eps
+from diffusion.core.schedules import NoiseSchedule
+from diffusion.core.targets import Denoiser, Prediction, Target, eps_from_x0, to_x0_eps
 
 # net(x_t, t, labels) -> output, (B, C or 2C, H, W); labels (B,) int64 or None
 Network = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -29,7 +29,7 @@ def network_denoiser(
     """Wraps ``net`` so that it returns a :class:`Prediction`.
 
     Args:
-        target: what the network predicts; resolved into (x_0, eps) by :func:`diffusion.targets.to_x0_eps`.
+        target: what the network predicts; resolved into (x_0, eps) by :func:`diffusion.core.targets.to_x0_eps`.
         learned_variance: the network's second C channels are the variance interpolation v in [-1, 1].
         clip_x0: clamp the predicted x_0 to the data range [-1, 1] and recompute eps from it (Ho et al. 2020 clip
             the predicted x_0 when sampling images); leave off for data that is not bounded.

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from diffusion.samplers.base import Randomness, SamplerStep, StepTable, noise_like, respaced, timestep_batch
-from diffusion.schedules import NoiseSchedule, Spacing
-from diffusion.targets import Denoiser
+from diffusion.core.samplers.base import Randomness, SamplerStep, StepTable, noise_like, respaced, timestep_batch
+from diffusion.core.schedules import NoiseSchedule, Spacing
+from diffusion.core.targets import Denoiser
 
 
 def ddim_sample(

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from diffusion.writers import atomic_path
+from diffusion.outputs.writers import atomic_path
 
 COLUMNS = ("sampler", "steps", "nfe", "seconds", "images_per_second", "fid", "kid", "nll_bpd")
 OPTIONS = ("guidance", "eta", "ema", "precision", "seed")  # shown when a sweep varies them

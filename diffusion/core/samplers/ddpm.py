@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from diffusion.reverse import Variance, p_mean_variance
-from diffusion.samplers.base import Randomness, SamplerStep, noise_like, respaced, timestep_batch
-from diffusion.schedules import NoiseSchedule, Spacing
-from diffusion.targets import Denoiser
+from diffusion.core.reverse import Variance, p_mean_variance
+from diffusion.core.samplers.base import Randomness, SamplerStep, noise_like, respaced, timestep_batch
+from diffusion.core.schedules import NoiseSchedule, Spacing
+from diffusion.core.targets import Denoiser
 
 
 def ddpm_sample(
@@ -25,8 +25,8 @@ def ddpm_sample(
 ) -> Iterator[SamplerStep]:
     """Ho et al. 2020, Algorithm 2, on ``steps`` respaced timesteps (Nichol & Dhariwal 2021, §4).
 
-    ``variance`` picks sigma_t^2 (see :func:`diffusion.reverse.p_mean_variance`); ``None`` takes the model's learned
-    variance when it has one and beta otherwise. One network evaluation per step; computes in x_T's dtype.
+    ``variance`` picks sigma_t^2 (see :func:`diffusion.core.reverse.p_mean_variance`); ``None`` takes the model's
+    learned variance when it has one and beta otherwise. One network evaluation per step; computes in x_T's dtype.
     """
     schedule = respaced(schedule, steps, spacing)
     timesteps = schedule.network_timesteps.tolist()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from diffusion.errors import RunError
-from diffusion.module import SPEED_SWITCHES, DiffusionModule
+from diffusion.training.module import SPEED_SWITCHES, DiffusionModule
 
 HPARAM_KEYS = ("model", "diffusion", "optimizer", "data")
 

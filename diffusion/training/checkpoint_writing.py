@@ -30,12 +30,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion.errors import RunError
-from diffusion.writers import atomic_path
+from diffusion.outputs.writers import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer with the file staged beside its target and renamed into place
-    (:func:`diffusion.writers.atomic_path`): a checkpoint is whole or absent, on every filesystem."""
+    (:func:`diffusion.outputs.writers.atomic_path`): a checkpoint is whole or absent, on every filesystem."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:

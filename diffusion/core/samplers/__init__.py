@@ -2,14 +2,14 @@
 
 All take ``(denoise, schedule, x_T, *, steps, spacing, generator, ...)`` and only differ in their own options, so a
 config can switch between them; with the options bound, each is a :class:`Sampler`. ``denoise`` maps (x_t, t) to
-a :class:`diffusion.targets.Prediction`.
+a :class:`diffusion.core.targets.Prediction`.
 """
 
-from diffusion.samplers.base import NoiseSource, Randomness, Sampler, SamplerStep, final
-from diffusion.samplers.ddim import ddim_invert, ddim_sample
-from diffusion.samplers.ddpm import ddpm_sample
-from diffusion.samplers.dpm_solver import dpm_solver_sample
-from diffusion.samplers.score_sde import ode_sample, sde_sample
+from diffusion.core.samplers.base import NoiseSource, Randomness, Sampler, SamplerStep, final
+from diffusion.core.samplers.ddim import ddim_invert, ddim_sample
+from diffusion.core.samplers.ddpm import ddpm_sample
+from diffusion.core.samplers.dpm_solver import dpm_solver_sample
+from diffusion.core.samplers.score_sde import ode_sample, sde_sample
 
 __all__ = [
     "NoiseSource",

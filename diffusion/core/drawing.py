@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffusion.images import to_uint8
-from diffusion.samplers.base import Sampler, SamplerStep
-from diffusion.schedules import NoiseSchedule
-from diffusion.targets import Denoiser, Prediction
+from diffusion.core.images import to_uint8
+from diffusion.core.samplers.base import Sampler, SamplerStep
+from diffusion.core.schedules import NoiseSchedule
+from diffusion.core.targets import Denoiser, Prediction
 
 BLOCK = 32  # images per noise generator
 

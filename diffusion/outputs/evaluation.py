@@ -15,11 +15,11 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
 from diffusion.errors import RunError
-from diffusion.images import to_uint8
-from diffusion.losses import prior_bpd, vlb_terms_bpd
-from diffusion.reverse import Variance
-from diffusion.schedules import NoiseSchedule
-from diffusion.targets import Denoiser
+from diffusion.core.images import to_uint8
+from diffusion.core.losses import prior_bpd, vlb_terms_bpd
+from diffusion.core.reverse import Variance
+from diffusion.core.schedules import NoiseSchedule
+from diffusion.core.targets import Denoiser
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -116,7 +116,7 @@ def fid_against(
     device: torch.device,
 ) -> dict[str, float]:
     """FID and KID of ``images`` (uint8 ``(N, C, H, W)``) against ``real_count`` real images in ``real`` batches
-    (in model range, as :meth:`diffusion.data.DiffusionDataModule.batches` gives them)."""
+    (in model range, as :meth:`diffusion.data.datamodule.DiffusionDataModule.batches` gives them)."""
     subset = max(2, min(kid_subset_size, real_count, len(images)))
     metrics = ImageMetrics(feature, kid_subset_size=subset).to(device)
     with torch.inference_mode():

@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffusion.reverse import Variance, p_mean_variance
-from diffusion.schedules import NoiseSchedule
-from diffusion.targets import Denoiser, Prediction, Target, from_x0_eps, to_x0_eps, x0_error_scale
+from diffusion.core.reverse import Variance, p_mean_variance
+from diffusion.core.schedules import NoiseSchedule
+from diffusion.core.targets import Denoiser, Prediction, Target, from_x0_eps, to_x0_eps, x0_error_scale
 
 LossType = Literal["mse", "l1"]
 LN2 = math.log(2.0)

@@ -13,7 +13,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from diffusion.datasets import (
+from diffusion.core.images import to_model_range
+from diffusion.data.datasets import (
     ImageFolder,
     ImageTensors,
     check_readable,
@@ -24,9 +25,8 @@ from diffusion.datasets import (
     load_mnist,
     scan_image_folder,
 )
+from diffusion.data.loaders import ResumableLoader, ShardedBatchSampler, device_loader, worker_loader
 from diffusion.errors import RunError
-from diffusion.images import to_model_range
-from diffusion.loaders import ResumableLoader, ShardedBatchSampler, device_loader, worker_loader
 
 DatasetName = Literal["digits", "mnist", "fashion", "cifar", "folder"]
 NAMED = {"digits": load_digits, "mnist": load_mnist, "fashion": load_fashion, "cifar": load_cifar10}

@@ -12,13 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
-from diffusion.denoiser import network_denoiser
+from diffusion.core.denoiser import network_denoiser
+from diffusion.core.losses import training_losses
+from diffusion.core.lr_schedule import lr_factor
+from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.core.targets import Denoiser
+from diffusion.core.unet import UNet
 from diffusion.errors import RunError
-from diffusion.losses import training_losses
-from diffusion.lr_schedule import lr_factor
-from diffusion.schedules import NoiseSchedule, make_betas
-from diffusion.targets import Denoiser
-from diffusion.unet import UNet
 
 SPEED_SWITCHES = ("compile", "channels_last")  # model settings that change how fast, not what is computed
 
@@ -138,7 +138,7 @@ class DiffusionModule(LightningModule):
         return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
 
     def denoiser_for(self, guidance: float = 1.0) -> Callable[[Tensor | None], Denoiser]:
-        """The denoiser for a batch's labels, for :func:`diffusion.sampling.draw`."""
+        """The denoiser for a batch's labels, for :func:`diffusion.core.drawing.draw`."""
         return lambda labels: self.denoiser(labels=labels, guidance=guidance)
 
     @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from diffusion.schedules import NoiseSchedule
+from diffusion.core.schedules import NoiseSchedule
 
 Target = Literal["eps", "x0", "v", "mu"]
 TARGETS: tuple[Target, ...] = ("eps", "x0", "v", "mu")

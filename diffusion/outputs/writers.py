@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from diffusion.images import to_nhwc
+from diffusion.core.images import to_nhwc
 
 
 def _umask() -> int:

@@ -15,21 +15,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from tqdm import tqdm
 
-from diffusion.ema import ema_decay
+from diffusion.core.drawing import draw
+from diffusion.core.ema import ema_decay
+from diffusion.core.images import to_uint8
+from diffusion.core.samplers import Sampler
 from diffusion.errors import RunError
-from diffusion.evaluation import ImageMetrics
-from diffusion.images import to_uint8
-from diffusion.module import DiffusionModule
-from diffusion.samplers import Sampler
-from diffusion.sampling import draw
-from diffusion.writers import grid_image, write_gif, write_png
+from diffusion.outputs.evaluation import ImageMetrics
+from diffusion.outputs.writers import grid_image, write_gif, write_png
+from diffusion.training.module import DiffusionModule
 
 
 class EMA(WeightAveraging):
-    """An exponential moving average of the weights with a warm-up (:func:`diffusion.ema.ema_decay`: EDM's half-life
-    in images, capped at ``rampup_ratio`` of the images seen), on Lightning's ``WeightAveraging``, which keeps the
-    average, swaps it in for validation and writes it to the checkpoint's ``state_dict`` (the raw weights going to
-    ``current_model_state``).
+    """An exponential moving average of the weights with a warm-up (:func:`diffusion.core.ema.ema_decay`: EDM's
+    half-life in images, capped at ``rampup_ratio`` of the images seen), on Lightning's ``WeightAveraging``, which
+    keeps the average, swaps it in for validation and writes it to the checkpoint's ``state_dict`` (the raw weights
+    going to ``current_model_state``).
 
     Where this differs from Lightning's ``EMAWeightAveraging``, and why:
 
@@ -271,7 +271,8 @@ class FIDMonitor(Callback):
 
     Args:
         sampler: a configured sampler (``configs/sampler``); ``steps`` overrides its number of steps.
-        feature: Inception-v3 feature size, or an ``nn.Module`` (see :class:`diffusion.evaluation.ImageMetrics`).
+        feature: Inception-v3 feature size, or an ``nn.Module`` (see
+            :class:`diffusion.outputs.evaluation.ImageMetrics`).
     """
 
     def __init__(
