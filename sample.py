@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
+from diffusion.core.denoiser import SamplingOptions
 from diffusion.core.drawing import Samples, draw
 from diffusion.data.datamodule import DiffusionDataModule
 from diffusion.errors import RunError, report_errors
@@ -73,7 +74,7 @@ def generate(module: DiffusionModule, cfg: DictConfig, device: torch.device, lab
         torch.autocast(device.type, dtype=autocast, enabled=autocast is not None),
     ):
         return draw(
-            module.denoiser_for(cfg.guidance),
+            module.denoiser_for(sampling_options(cfg)),
             module.schedule,
             sampler,
             n=cfg.n,
@@ -88,12 +89,16 @@ def generate(module: DiffusionModule, cfg: DictConfig, device: torch.device, lab
         )
 
 
+def sampling_options(cfg: DictConfig) -> SamplingOptions:
+    return SamplingOptions(guidance=cfg.guidance, clip_x0=cfg.clip_x0, dynamic_threshold=cfg.dynamic_threshold)
+
+
 def dataset_for(hparams: dict[str, Any], cfg: DictConfig) -> DiffusionDataModule:
     """The training run's dataset and split (its seed is in the checkpoint), from ``data_root`` when given."""
-    data = {"strict": False, "background": [255, 255, 255], **hparams["data"]}  # older checkpoints lack these two
+    dataset = dict(hparams["dataset"])
     if cfg.data_root is not None:
-        data["root"] = cfg.data_root
-    return DiffusionDataModule(**data)
+        dataset["root"] = cfg.data_root
+    return DiffusionDataModule(**dataset)
 
 
 def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, device: torch.device) -> dict:
@@ -106,17 +111,19 @@ def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, dev
         real = datamodule.batches("train", cfg.batch_size, count)
         return fid_against(images, real, count, feature, cfg.eval.kid_subset_size, device)
     limit = None if cfg.eval.batches is None else cfg.eval.batches * cfg.batch_size
-    variance = cfg.eval.variance or ("learned" if module.diffusion["learned_variance"] else "beta")
+    variance = cfg.eval.variance or ("learned" if module.objective.learned_variance else "beta")
     batches = (
         (x0.to(device), labels.to(device)) for x0, labels in datamodule.batches(cfg.eval.split, cfg.batch_size, limit)
     )
     g = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    def denoise_for(labels: torch.Tensor):
-        return module.denoiser(labels=labels if module.conditional else None)
+    options = SamplingOptions(clip_x0=cfg.clip_x0, dynamic_threshold=cfg.dynamic_threshold)  # no guidance
+
+    def denoiser_for(labels: torch.Tensor):
+        return module.denoiser(options, labels if module.conditional else None)
 
     with module.sampling():
-        result = nll_bits_per_dim(denoise_for, module.schedule, batches, variance, g)
+        result = nll_bits_per_dim(denoiser_for, module.schedule, batches, variance, g)
     return {**result, "split": datamodule.split_name(cfg.eval.split), "variance": variance}
 
 
@@ -131,14 +138,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             f"pass overwrite=true to replace them, or out_dir=PATH to write elsewhere"
         )
     device = pick_device(cfg.device)
-    module = load_model(cfg.ckpt, cfg.ema)
-    module.compile_network, module.channels_last = cfg.compile, cfg.channels_last
-    if cfg.clip_x0 is not None:
-        module.diffusion["clip_x0"] = cfg.clip_x0
-    module.diffusion["dynamic_threshold"] = cfg.dynamic_threshold
-    if cfg.channels_last:
-        module.unet.to(memory_format=torch.channels_last)
-    module.to(device)
+    module = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last).to(device)
     labels = class_labels(cfg, module)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -166,7 +166,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "ema": cfg.ema,
         "guidance": cfg.guidance,
         "eta": cfg.sampler.get("eta"),
-        "clip_x0": module.diffusion["clip_x0"],
+        "clip_x0": cfg.clip_x0,
         "dynamic_threshold": cfg.dynamic_threshold,
         "device": str(device),
         "precision": str(cfg.precision),

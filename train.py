@@ -25,6 +25,7 @@ from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 from diffusion.data.datamodule import DiffusionDataModule
 from diffusion.errors import RunError, report_errors
 from diffusion.settings import TrainSettings, check_train, config_options
+from diffusion.training import hparams as layout
 from diffusion.training.checkpoint_reading import check_resumable, find_last_checkpoint, load_checkpoint
 from diffusion.training.module import DiffusionModule
 
@@ -34,10 +35,7 @@ OmegaConf.register_new_resolver("options", config_options, replace=True)  # for 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """The plain-dict settings that define the model: what the checkpoint keeps to rebuild it."""
-    groups = {"model": "model", "diffusion": "diffusion", "optimizer": "optimizer", "data": "dataset"}
-    hparams = {name: OmegaConf.to_container(cfg[key], resolve=True) for name, key in groups.items()}
-    hparams["data"]["seed"] = cfg.seed  # the validation split follows from it: sample.py finds the same test images
-    return hparams
+    return layout.from_settings(OmegaConf.to_container(cfg, resolve=True))
 
 
 def checkpoint_to_resume(cfg: DictConfig, hparams: dict[str, Any]) -> str | None:
@@ -73,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_settings(cfg)
     seed_everything(cfg.seed, workers=True)
     hparams = hyperparameters(cfg)
-    datamodule = DiffusionDataModule(**hparams["data"])
+    datamodule = DiffusionDataModule(**hparams["dataset"])
     module = DiffusionModule(**hparams)
     ckpt_path = checkpoint_to_resume(cfg, hparams)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

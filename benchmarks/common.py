@@ -44,6 +44,38 @@ def machine(device: torch.device) -> dict[str, str]:
     return info
 
 
+def train_hparams(*overrides: str) -> dict:
+    """The checkpoint hyperparameters of ``python train.py OVERRIDES``, composed by Hydra from configs/ as train.py
+    composes them (diffusion.training.hparams is their one layout)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    from train import hyperparameters  # registers train.py's schema
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):  # the paths resolve as in a run started from ROOT
+        cfg.hydra.runtime.output_dir, cfg.hydra.runtime.cwd = str(ROOT / "benchmarks" / "work"), str(ROOT)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return hyperparameters(cfg)
+
+
+def preset_unet(preset: str, image_size: int, channels: int) -> torch.nn.Module:
+    """The UNet of ``model=PRESET`` for images of that size and channel count, unconditional, fixed variance."""
+    from diffusion.core.unet import UNet
+    from diffusion.training.hparams import ModelSpec
+
+    hparams = train_hparams(
+        f"model={preset}", f"dataset.image_size={image_size}", f"dataset.channels={channels}", "model.num_classes=null"
+    )
+    return UNet(learned_variance=False, **vars(ModelSpec.from_hparams(hparams).network))
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -30,14 +30,10 @@ def peak_bytes(preset: str, batch: int, device: str, precision: str) -> dict[str
     """Runs in a fresh process: build, one training step to create the optimizer state, then the measured step.
     Returns the peak bytes, and on a CPU the bytes of the activations at that peak."""
     import torch.nn.functional as F
-    from omegaconf import OmegaConf
-
-    from diffusion.core.unet import UNet
+    from common import preset_unet
 
     torch.set_num_threads(1)
-    settings = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{preset}.yaml"))
-    settings.pop("num_classes")
-    net = UNet(image_size=32, in_channels=3, num_classes=None, learned_variance=False, **settings).to(device)
+    net = preset_unet(preset, 32, 3).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)

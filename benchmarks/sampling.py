@@ -21,7 +21,7 @@ import functools
 from pathlib import Path
 
 import torch
-from common import ROOT, interleaved, machine, setup_device, table, write_json
+from common import ROOT, interleaved, machine, setup_device, table, train_hparams, write_json
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -34,19 +34,14 @@ from diffusion.training.module import DiffusionModule
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "sde", "ode")
 
 
-def load(group: str, name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / group / f"{name}.yaml"))
-
-
 def build(model: str, compile: bool, channels_last: bool, device: torch.device) -> DiffusionModule:
+    """``model=MODEL`` for 32x32 RGB images with the DDPM objective, in eval mode on ``device``."""
     torch.manual_seed(0)
-    module = DiffusionModule(
-        model={**load("model", model), "compile": compile, "channels_last": channels_last},
-        diffusion=load("diffusion", "ddpm"),
-        optimizer=load("optimizer", "adamw"),
-        data={"image_size": 32, "channels": 3},
-    )
-    return module.to(device).eval()
+    hparams = train_hparams(
+        f"model={model}", f"model.compile={compile}", f"model.channels_last={channels_last}", "diffusion=ddpm",
+        "dataset.image_size=32", "dataset.channels=3", "model.num_classes=null",
+    )  # fmt: skip
+    return DiffusionModule(**hparams).to(device).eval()
 
 
 def evaluations_at(sampler, schedule, steps: int) -> int:
@@ -79,7 +74,7 @@ def main() -> None:
     device = setup_device(args.device, threads, pin=args.device == "cpu" and args.threads > 0)
     module = build(args.model, args.compile, args.channels_last, device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    samplers = {name: instantiate(OmegaConf.create(load("sampler", name))) for name in SAMPLERS}
+    samplers = {name: instantiate(OmegaConf.load(ROOT / "configs" / "sampler" / f"{name}.yaml")) for name in SAMPLERS}
     default_steps = {name: sampler.keywords["steps"] for name, sampler in samplers.items()}
 
     def run(name: str) -> float:

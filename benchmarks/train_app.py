@@ -37,8 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, machine, setup_device, table, time_call, write_json
-from omegaconf import OmegaConf
+from common import ROOT, machine, preset_unet, setup_device, table, time_call, write_json
 from torch.utils.flop_counter import FlopCounterMode
 from train_throughput import conv_shapes, diffusers_ddpm, measure_peak
 
@@ -58,9 +57,7 @@ def fashion_images(device: torch.device) -> torch.Tensor:
 
 
 def unet(preset: str) -> UNet:
-    settings = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{preset}.yaml"))
-    settings.pop("num_classes")
-    return UNet(image_size=SIZE, in_channels=CHANNELS, num_classes=None, learned_variance=False, **settings)
+    return preset_unet(preset, SIZE, CHANNELS)
 
 
 class PlainLoop:

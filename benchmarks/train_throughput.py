@@ -20,20 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, interleaved, machine, setup_device, table, write_json
-from omegaconf import OmegaConf
+from common import ROOT, interleaved, machine, preset_unet, setup_device, table, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.core.images import to_model_range
-from diffusion.core.unet import UNet
 from diffusion.data.datamodule import random_hflip
 from diffusion.data.loaders import ShardedBatchSampler, device_loader
 
 
 def ours(preset: str) -> torch.nn.Module:
-    settings = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{preset}.yaml"))
-    settings.pop("num_classes")
-    return UNet(image_size=32, in_channels=3, num_classes=None, learned_variance=False, **settings)
+    return preset_unet(preset, 32, 3)
 
 
 def diffusers_ddpm(width: int, channels: int = 3) -> torch.nn.Module:

@@ -65,7 +65,6 @@ class DiffusionSettings:
     learned_variance: bool = MISSING
     vlb_weight: float = MISSING
     label_dropout: float = MISSING
-    clip_x0: bool = MISSING
 
 
 @dataclass
@@ -109,7 +108,7 @@ class SampleSettings:
     ema: bool = MISSING
     device: str = MISSING
     precision: str = MISSING
-    clip_x0: bool | None = MISSING
+    clip_x0: bool = MISSING
     dynamic_threshold: float | None = MISSING
     compile: bool = MISSING
     channels_last: bool = MISSING
@@ -208,16 +207,16 @@ def check_train(settings: dict, cuda_available: bool) -> None:
             "it is the share of labels dropped for classifier-free guidance, e.g. 0.1 (1 or more would drop them all)",
         )
     check_sampler(settings)
-    samples = (settings.get("callbacks") or {}).get("samples")
+    samples = (settings.get("callbacks") or {}).get("previews")
     if samples:
         for key in ("num_images", "gif_images"):
-            _integer(settings, f"callbacks.samples.{key}", 1, f"e.g. callbacks.samples.{key}=16")
-        _integer(settings, "callbacks.samples.gif_frames", 0, "0 writes no GIF, e.g. callbacks.samples.gif_frames=40")
+            _integer(settings, f"callbacks.previews.{key}", 1, f"e.g. callbacks.previews.{key}=16")
+        _integer(settings, "callbacks.previews.gif_frames", 0, "0 writes no GIF, e.g. callbacks.previews.gif_frames=40")
         if samples.get("steps") is not None:
-            _integer(settings, "callbacks.samples.steps", 1, "or null for the sampler's own")
+            _integer(settings, "callbacks.previews.steps", 1, "or null for the sampler's own")
         guidance = samples["guidance"]
         if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not guidance >= 0:
-            _fail("callbacks.samples.guidance", guidance, "is not a number >= 0", "1 is no guidance, e.g. 3.0")
+            _fail("callbacks.previews.guidance", guidance, "is not a number >= 0", "1 is no guidance, e.g. 3.0")
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not cuda_available:
         _fail(

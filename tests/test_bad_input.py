@@ -29,8 +29,8 @@ CATALOGUE = [
     ("train.py", ["diffusion.label_dropout=2"], ["error: diffusion.label_dropout=2.0", "[0, 1)"]),
     ("train.py", ["optimizer.warmup_steps=-5"], ["error: optimizer.warmup_steps=-5"]),
     ("train.py", ["optimizer.lr=0"], ["error: optimizer.lr=0.0"]),
-    ("train.py", ["callbacks.samples.guidance=-2"], ["error: callbacks.samples.guidance=-2"]),
-    ("train.py", ["callbacks.samples.gif_frames=-1"], ["error: callbacks.samples.gif_frames=-1"]),
+    ("train.py", ["callbacks.previews.guidance=-2"], ["error: callbacks.previews.guidance=-2"]),
+    ("train.py", ["callbacks.previews.gif_frames=-1"], ["error: callbacks.previews.gif_frames=-1"]),
     ("train.py", ["dataset=folder"], ["error: dataset.root must be given", "dataset.root=/path/to/images"]),
     ("train.py", ["trainer=gpu", "trainer.accelerator=gpu"], ["error: trainer.accelerator='gpu'", "trainer=cpu"]),
     ("train.py", ["dataset=folder", "dataset.root=RUN/broken", "dataset.strict=true"], ["dataset.strict=false"]),
@@ -56,7 +56,7 @@ CATALOGUE = [
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
     run = root / "trained"
-    train(compose_config("train", ["debug=smoke", "~callbacks.samples", "trainer.max_steps=1"], run))
+    train(compose_config("train", ["debug=smoke", "~callbacks.previews", "trainer.max_steps=1"], run))
     (root / "empty.ckpt").write_bytes(b"")
     broken = root / "broken"
     broken.mkdir()

@@ -22,7 +22,7 @@ def options(group: str) -> list[str]:
 
 def build(cfg):
     hparams = hyperparameters(cfg)
-    return DiffusionModule(**hparams), DiffusionDataModule(**hparams["data"])
+    return DiffusionModule(**hparams), DiffusionDataModule(**hparams["dataset"])
 
 
 @pytest.mark.parametrize("option", options("model"))

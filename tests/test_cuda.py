@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-GPU = ["debug=smoke", "trainer=gpu", "trainer.accelerator=gpu", "~callbacks.samples"]
+GPU = ["debug=smoke", "trainer=gpu", "trainer.accelerator=gpu", "~callbacks.previews"]
 
 
 def run_train(run_dir, *overrides):

@@ -36,7 +36,7 @@ def test_the_default_average_has_forgotten_the_initial_weights_by_the_first_prev
     """The weight the average still gives to its starting point (the first step's weights) is the product of the
     decays since; below 1% at the default run's first preview. A fixed decay of 0.995 left 8% there."""
     cfg = compose_config("train", [], tmp_path)
-    ema, batch, first_preview = cfg.callbacks.ema, cfg.dataset.batch_size, cfg.callbacks.samples.every_n_steps
+    ema, batch, first_preview = cfg.callbacks.ema, cfg.dataset.batch_size, cfg.callbacks.previews.every_n_steps
     share = math.prod(decays(first_preview, batch, ema.half_life_images, ema.rampup_ratio))
     assert share < 0.01
     without_warmup = math.prod(decays(first_preview, batch, ema.half_life_images, None))
@@ -142,7 +142,7 @@ def test_without_the_ema_the_checkpoint_holds_the_trained_weights_and_samples_sa
     """`~callbacks.ema` trains without an average: state_dict holds the trained weights, and sample.py, which
     samples the EMA by default, warns that there is none and samples them."""
     run = tmp_path / "run"
-    run_train(run, "~callbacks.ema", "~callbacks.samples")
+    run_train(run, "~callbacks.ema", "~callbacks.previews")
     state = load_state(run / "checkpoints" / "last.ckpt")
     assert "current_model_state" not in state and "averaging_state" not in state
     overrides = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddim", "sampler.steps=2", "n=2"]
@@ -155,7 +155,7 @@ def test_a_finished_run_keeps_the_average_and_the_raw_weights(tmp_path):
     """No periodic checkpoint, so last.ckpt is written at the end of training: the average in state_dict, the raw
     weights in current_model_state, and ema=false samples the raw ones."""
     run = tmp_path / "run"
-    run_train(run, "~callbacks.samples", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=100")
+    run_train(run, "~callbacks.previews", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=100")
     state = load_state(run / "checkpoints" / "last.ckpt")
     assert state["global_step"] == 6
     differences = [(state["state_dict"][k] - state["current_model_state"][k]).abs().max() for k in state["state_dict"]]
@@ -177,7 +177,7 @@ def test_a_finished_run_keeps_the_average_and_the_raw_weights(tmp_path):
 def test_a_finished_run_extends_exactly(tmp_path):
     """8 steps to the end, then 8 more from that final last.ckpt with max_steps=16, equal 16 straight steps in the
     raw and the averaged weights."""
-    common = ["dataset.batch_size=48", "callbacks.model_checkpoint.every_n_train_steps=100", "~callbacks.samples"]
+    common = ["dataset.batch_size=48", "callbacks.model_checkpoint.every_n_train_steps=100", "~callbacks.previews"]
     straight, first, extended = tmp_path / "straight", tmp_path / "first", tmp_path / "extended"
     run_train(straight, *common, "trainer.max_steps=16")
     run_train(first, *common, "trainer.max_steps=8")
@@ -196,7 +196,7 @@ def test_two_processes_keep_the_same_average(tmp_path):
     result = run_script(
         "train.py",
         "debug=smoke",
-        "~callbacks.samples",
+        "~callbacks.previews",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "dataset.batch_size=32",
@@ -237,7 +237,7 @@ def test_a_run_stopped_during_validation_saves_the_weights_unswapped(tmp_path, m
         raise SIGTERMException()
 
     common = [
-        "~callbacks.samples",
+        "~callbacks.previews",
         "optimizer.schedule=constant",
         "callbacks.model_checkpoint.every_n_train_steps=100",
         "callbacks.ema.rampup_ratio=null",  # an average that differs clearly from the raw weights at step 3

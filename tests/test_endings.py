@@ -31,7 +31,7 @@ def start_training(run, every_n_steps: int, *overrides: str, **popen) -> subproc
         [
             sys.executable,
             str(ROOT / "train.py"),
-            "~callbacks.samples",
+            "~callbacks.previews",
             "trainer.max_steps=100000",
             f"callbacks.model_checkpoint.every_n_train_steps={every_n_steps}",
             "dataset.batch_size=16",
@@ -54,7 +54,7 @@ def test_last_checkpoint_holds_the_final_step_after_an_earlier_periodic_one(tmp_
 
 def test_the_periodic_checkpoints_keep_the_five_most_recent(tmp_path):
     run = tmp_path / "run"
-    run_train(run, "~callbacks.samples", "trainer.max_steps=7", "callbacks.model_checkpoint.every_n_train_steps=1")
+    run_train(run, "~callbacks.previews", "trainer.max_steps=7", "callbacks.model_checkpoint.every_n_train_steps=1")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "last.ckpt",
         *(f"step_{step:07d}.ckpt" for step in range(3, 8)),
@@ -64,7 +64,7 @@ def test_the_periodic_checkpoints_keep_the_five_most_recent(tmp_path):
 def test_max_time_ends_the_run_with_its_last_step_saved(tmp_path, caplog):
     run = tmp_path / "run"
     with caplog.at_level("INFO"):
-        run_train(run, "~callbacks.samples", "trainer.max_steps=100000", "+trainer.max_time=00:00:00:05")
+        run_train(run, "~callbacks.previews", "trainer.max_steps=100000", "+trainer.max_time=00:00:00:05")
     final = int(re.search(r"Training finished at step (\d+)", caplog.text).group(1))
     assert 0 < final < 100000 and load_state(run / "checkpoints" / "last.ckpt")["global_step"] == final
 
@@ -153,7 +153,7 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_one(tmp_path, monkeypa
 
 
 def test_resume_true_without_a_checkpoint_does_not_take_another_run(tmp_path):
-    first, common = tmp_path / "outputs" / "a", ["~callbacks.samples", f"paths.log_dir={tmp_path / 'outputs'}"]
+    first, common = tmp_path / "outputs" / "a", ["~callbacks.previews", f"paths.log_dir={tmp_path / 'outputs'}"]
     run_train(first, *common)
     with pytest.raises(RunError, match=r"resume=true found nothing to resume.*The newest run's checkpoint is .*a/"):
         run_train(tmp_path / "outputs" / "b", *common, "resume=true")
@@ -163,7 +163,7 @@ def test_resume_true_without_a_checkpoint_does_not_take_another_run(tmp_path):
 
 
 def test_a_resume_with_a_new_learning_rate_trains_at_that_rate(tmp_path):
-    common = ["~callbacks.samples", "optimizer.warmup_steps=0", "optimizer.schedule=constant"]
+    common = ["~callbacks.previews", "optimizer.warmup_steps=0", "optimizer.schedule=constant"]
     first = tmp_path / "first"
     run_train(first, *common, "optimizer.lr=1e-3")
     resumed = tmp_path / "resumed"
@@ -188,7 +188,7 @@ def test_the_readme_sweep_runs_from_any_working_directory(tmp_path):
     line = next(line for line in readme.splitlines() if line.startswith("python train.py -m "))
     command = shlex.split(line.split("#")[0])
     assert command[:2] == ["python", "train.py"]
-    result = run_script("train.py", *command[2:], "debug=smoke", "~callbacks.samples", cwd=tmp_path, timeout=400)
+    result = run_script("train.py", *command[2:], "debug=smoke", "~callbacks.previews", cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(tmp_path.glob("multirun/*/*/*/checkpoints/last.ckpt"))
     assert len(jobs) == 2, list(tmp_path.rglob("*"))[:20]

@@ -72,7 +72,7 @@ def test_the_gpu_preset_clips_fused_adamw_like_clip_grad_norm(tmp_path, precisio
                 "trainer.accelerator=cpu",
                 *precision,
                 f"trainer.gradient_clip_val={clip}",
-                "~callbacks.samples",
+                "~callbacks.previews",
                 "+callbacks.probe._target_=tests.test_gpu_presets.GradProbe",
             ],
             run,
@@ -115,7 +115,7 @@ def test_the_ddp_preset_runs_on_the_cpu_at_bf16(tmp_path):
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
-        "~callbacks.samples",
+        "~callbacks.previews",
         f"hydra.run.dir={run}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 TINY_FEATURES = "callbacks.fid.feature={_target_:tests.helpers.TinyFeatures}"
 # Batch 48 per process: an epoch of the 1,707 training digits is 18 steps on two processes, 36 on one, so every
 # stop below falls inside an epoch.
-COMMON = ["debug=smoke", "trainer.accelerator=cpu", "dataset.batch_size=48", "~callbacks.samples"]
+COMMON = ["debug=smoke", "trainer.accelerator=cpu", "dataset.batch_size=48", "~callbacks.previews"]
 
 
 def train_on(devices: int, run: Path, *overrides: str, timeout: float = 400) -> subprocess.CompletedProcess:

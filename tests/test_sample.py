@@ -30,7 +30,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
             "train",
             [
                 "debug=smoke",
-                "~callbacks.samples",
+                "~callbacks.previews",
                 "trainer.max_steps=60",
                 "diffusion.timesteps=100",
                 "model.num_classes=10",
@@ -220,14 +220,14 @@ def test_evaluation_finds_the_split_of_the_training_run(trained):
     from sample import dataset_for
 
     hparams = torch.load(trained["ckpt"], weights_only=True)["hyper_parameters"]
-    assert hparams["data"]["seed"] == 0
-    other = {**hparams, "data": {**hparams["data"], "seed": 7}}
+    assert hparams["dataset"]["seed"] == 0
+    other = {**hparams, "dataset": {**hparams["dataset"], "seed": 7}}
 
     def val_images(datamodule):
         return torch.cat([x0 for x0, _ in datamodule.batches("val", 64)])
 
     rebuilt = dataset_for(other, OmegaConf.create({"data_root": None}))
-    trained_with_7 = DiffusionDataModule(**{**hparams["data"], "seed": 7})
+    trained_with_7 = DiffusionDataModule(**{**hparams["dataset"], "seed": 7})
     trained_with_7.setup("fit")
     assert torch.equal(val_images(rebuilt), val_images(trained_with_7))
     assert not torch.equal(val_images(rebuilt), val_images(dataset_for(hparams, OmegaConf.create({"data_root": None}))))

@@ -109,7 +109,7 @@ def test_the_preview_equals_sample_py_from_the_same_checkpoint_and_seed(tmp_path
     """The final preview of a run (drawn with the EMA weights at the last step) and sample.py's first images from
     that run's last.ckpt, same sampler, steps and seed: the same pixels."""
     run = tmp_path / "run"
-    train(compose_config("train", ["debug=smoke", "trainer.max_steps=5", "callbacks.samples.num_images=9"], run))
+    train(compose_config("train", ["debug=smoke", "trainer.max_steps=5", "callbacks.previews.num_images=9"], run))
     preview = iio.imread(run / "samples" / "step_0000005.png")
     overrides = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "sampler=ddpm", "sampler.steps=4", "n=9", "batch_size=4"]
     overrides.append("grid_images=9")

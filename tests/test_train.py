@@ -42,7 +42,7 @@ def test_default_digits_run_writes_checkpoints_samples_and_tensorboard(tmp_path)
         "model",
         "diffusion",
         "optimizer",
-        "data",
+        "dataset",
     }
 
 
@@ -77,7 +77,7 @@ def test_cifar_from_python_pickles(tmp_path):
         run, "dataset=cifar", f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "dataset.batch_size=16"
     )
     state = load_state(run / "checkpoints" / "last.ckpt")
-    assert state["hyper_parameters"]["data"]["channels"] == 3
+    assert state["hyper_parameters"]["dataset"]["channels"] == 3
 
 
 def test_folder_of_mixed_images_with_class_labels(tmp_path):
@@ -106,7 +106,7 @@ def test_real_fashion_mnist(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     """4 steps, stop, resume to 8 == 8 steps straight: model, EMA, optimizer, LR, RNG and data position resume.
     Batch 48 puts the stop in the middle of an epoch (35 batches of the 1,707 training digits)."""
-    common = ["dataset.batch_size=48", "callbacks.model_checkpoint.every_n_train_steps=4", "~callbacks.samples"]
+    common = ["dataset.batch_size=48", "callbacks.model_checkpoint.every_n_train_steps=4", "~callbacks.previews"]
     straight = tmp_path / "straight"
     run_train(straight, *common, "trainer.max_steps=8")
     stopped = tmp_path / "stopped"
@@ -166,7 +166,7 @@ def test_a_corrupt_checkpoint_is_refused(tmp_path):
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
-    run_train(tmp_path / "first", "~callbacks.samples")
+    run_train(tmp_path / "first", "~callbacks.previews")
     with pytest.raises(RunError, match=r"trained with other settings \(model.base_channels: 32 -> 16"):
         run_train(
             tmp_path / "second", "model.base_channels=16", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}"
@@ -201,7 +201,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     result = run_script(
         "train.py",
         "debug=smoke",
-        "~callbacks.samples",
+        "~callbacks.previews",
         "optimizer.lr=1e12",
         "optimizer.warmup_steps=0",
         "trainer.gradient_clip_val=null",
@@ -229,7 +229,7 @@ def test_tensorboard_holds_the_hyperparameters_and_the_training_fid(tmp_path):
             "train",
             [
                 "debug=smoke",
-                "~callbacks.samples",
+                "~callbacks.previews",
                 "trainer.log_every_n_steps=25",
                 "dataset.batch_size=256",
                 "trainer.max_steps=7",

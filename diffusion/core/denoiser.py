@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -12,6 +13,22 @@ from diffusion.core.targets import Denoiser, Prediction, Target, eps_from_x0, to
 
 # net(x_t, t, labels) -> output, (B, C or 2C, H, W); labels (B,) int64 or None
 Network = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a trained model is sampled, beside the sampler itself: given to the sampling side (previews, the training
+    FID, sample.py) and never stored in the model, so none of it is a training setting.
+
+    Attributes:
+        guidance: the classifier-free guidance scale (see :func:`network_denoiser`); 1 is none.
+        clip_x0: clamp the predicted x_0 to [-1, 1].
+        dynamic_threshold: a percentile in (0, 1]: Saharia et al.'s dynamic thresholding instead of clipping.
+    """
+
+    guidance: float = 1.0
+    clip_x0: bool = True
+    dynamic_threshold: float | None = None
 
 
 def network_denoiser(

@@ -72,7 +72,7 @@ class ImageMetrics(nn.Module):
 
 
 def nll_bits_per_dim(
-    denoise_for: Callable[[Tensor | None], Denoiser],
+    denoiser_for: Callable[[Tensor | None], Denoiser],
     schedule: NoiseSchedule,
     batches: Iterable[tuple[Tensor, Tensor]],
     variance: Variance,
@@ -80,13 +80,13 @@ def nll_bits_per_dim(
 ) -> dict[str, float]:
     """The negative variational bound on log p(x0) in bits per dimension over ``batches`` of ``(x0 in [-1, 1],
     labels)``: the sum of all T terms and the prior (improved-diffusion's ``calc_bpd_loop``), one network evaluation
-    per term and image. ``denoise_for(labels)`` gives the denoiser for a batch. Returns the mean and its standard
+    per term and image. ``denoiser_for(labels)`` gives the denoiser for a batch. Returns the mean and its standard
     error over images, with the prior, decoder (t = 0) and KL parts."""
     totals, priors, decoders = [], [], []
     progress = tqdm(desc="NLL: terms of the bound", unit="term", file=sys.stderr)
     for x0, labels in batches:
         terms = {}
-        for t, term in vlb_terms_bpd(denoise_for(labels), schedule, x0, variance, generator):
+        for t, term in vlb_terms_bpd(denoiser_for(labels), schedule, x0, variance, generator):
             terms[t] = term
             progress.update(1)
         prior = prior_bpd(schedule, x0)

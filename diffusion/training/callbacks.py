@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from tqdm import tqdm
 
+from diffusion.core.denoiser import SamplingOptions
 from diffusion.core.drawing import draw
 from diffusion.core.ema import ema_decay
 from diffusion.core.images import to_uint8
@@ -147,6 +148,7 @@ class Previews(Callback):
         gif_images: images in the GIF (the first of the grid).
         gif_frames: frames of the GIF.
         guidance: classifier-free guidance scale for a class-conditional model (labels cycle through the classes).
+        clip_x0: clamp the predicted x0 to [-1, 1] while drawing (a sampling option, like ``sample.py clip_x0``).
         seed: seeds the fixed noise, so that successive grids show the same samples improving.
     """
 
@@ -161,11 +163,13 @@ class Previews(Callback):
         gif_images: int,
         gif_frames: int,
         guidance: float,
+        clip_x0: bool,
         seed: int,
     ) -> None:
         self.sampler, self.dirpath = sampler, Path(dirpath)
         self.every_n_steps, self.steps, self.num_images = every_n_steps, steps, num_images
         self.gif_images, self.gif_frames, self.guidance, self.seed = gif_images, gif_frames, guidance, seed
+        self.clip_x0 = clip_x0
         self._last_step = -1
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -188,7 +192,7 @@ class Previews(Callback):
         try:
             self._draw(trainer, pl_module)
         except Exception as error:  # an optional extra must not cost the run its weights
-            optional_failed(f"the sample preview at step {trainer.global_step}", "~callbacks.samples", error)
+            optional_failed(f"the sample preview at step {trainer.global_step}", "~callbacks.previews", error)
 
     def _draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert isinstance(pl_module, DiffusionModule)
@@ -199,7 +203,7 @@ class Previews(Callback):
         steps = tqdm(desc=f"preview at step {trainer.global_step}", unit="step", leave=False, file=sys.stderr)
         with steps, module.sampling(), trainer.precision_plugin.forward_context():
             samples = draw(
-                module.denoiser_for(guidance),
+                module.denoiser_for(SamplingOptions(guidance=guidance, clip_x0=self.clip_x0)),
                 module.schedule,
                 with_steps(self.sampler, self.steps),
                 n=self.num_images,
@@ -273,6 +277,7 @@ class FIDMonitor(Callback):
         sampler: a configured sampler (``configs/sampler``); ``steps`` overrides its number of steps.
         feature: Inception-v3 feature size, or an ``nn.Module`` (see
             :class:`diffusion.outputs.evaluation.ImageMetrics`).
+        clip_x0: clamp the predicted x0 to [-1, 1] while drawing (no guidance: the FID is the model's own).
     """
 
     def __init__(
@@ -286,9 +291,10 @@ class FIDMonitor(Callback):
         batch_size: int,
         feature: Any,
         kid_subset_size: int,
+        clip_x0: bool,
         seed: int,
     ) -> None:
-        self.every_n_epochs, self.sampler, self.steps = every_n_epochs, sampler, steps
+        self.every_n_epochs, self.sampler, self.steps, self.clip_x0 = every_n_epochs, sampler, steps, clip_x0
         self.num_samples, self.reference_images, self.batch_size = num_samples, reference_images, batch_size
         self.feature, self.kid_subset_size, self.seed = feature, kid_subset_size, seed
         self.metrics: ImageMetrics | None = None
@@ -338,7 +344,7 @@ class FIDMonitor(Callback):
             labels = torch.randint(0, module.unet.num_classes, (self.num_samples,), generator=g)[list(mine)]
         with module.sampling(), trainer.precision_plugin.forward_context():
             samples = draw(
-                module.denoiser_for(),
+                module.denoiser_for(SamplingOptions(clip_x0=self.clip_x0)),
                 module.schedule,
                 with_steps(self.sampler, self.steps),
                 n=len(mine),

@@ -16,9 +16,8 @@ from typing import Any
 import torch
 
 from diffusion.errors import RunError
-from diffusion.training.module import SPEED_SWITCHES, DiffusionModule
-
-HPARAM_KEYS = ("model", "diffusion", "optimizer", "data")
+from diffusion.training import hparams as layout
+from diffusion.training.module import DiffusionModule
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -46,15 +45,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         first_line = (str(error).splitlines() or ["(no message)"])[0][:200]
         raise RunError(_unreadable(path, f"{type(error).__name__}: {first_line}")) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if (
-        not isinstance(hparams, dict)
-        or not all(key in hparams for key in HPARAM_KEYS)
-        or "state_dict" not in checkpoint
-    ):
+    hparams = layout.upgrade(hparams) if isinstance(hparams, dict) else None
+    if hparams is None or not all(key in hparams for key in layout.GROUPS) or "state_dict" not in checkpoint:
         raise RunError(
             f"{path} is a PyTorch file but not a checkpoint of this project's diffusion models (it lacks the "
-            f"state_dict and the hyperparameters {', '.join(HPARAM_KEYS)}); use a checkpoint written by train.py"
+            f"state_dict and the hyperparameters {', '.join(layout.GROUPS)}); use a checkpoint written by train.py"
         )
+    checkpoint["hyper_parameters"] = hparams  # in today's layout, whatever version wrote it
     return checkpoint
 
 
@@ -82,15 +79,8 @@ def find_last_checkpoint(run_dir: Path, runs_root: Path) -> Path:
 
 
 def check_resumable(checkpoint: dict[str, Any], hparams: dict[str, Any], path: Path) -> None:
-    """Refuses to resume a run whose model, diffusion process or image format differ from the checkpoint's."""
-    saved = checkpoint["hyper_parameters"]
-    keys = [("model", k) for k in hparams["model"] if k not in SPEED_SWITCHES]
-    keys += [("diffusion", k) for k in hparams["diffusion"]] + [("data", k) for k in ("image_size", "channels")]
-    changed = [
-        f"{group}.{key}: {saved[group].get(key)!r} -> {hparams[group].get(key)!r}"
-        for group, key in keys
-        if saved[group].get(key) != hparams[group].get(key)
-    ]
+    """Refuses to resume a run whose model, training objective or image format differ from the checkpoint's."""
+    changed = layout.resume_conflicts(checkpoint["hyper_parameters"], hparams)
     if changed:
         raise RunError(
             f"cannot resume from {path}: it was trained with other settings ({'; '.join(changed)}). Resume with the "
@@ -98,11 +88,14 @@ def check_resumable(checkpoint: dict[str, Any], hparams: dict[str, Any], path: P
         )
 
 
-def load_model(path: str | Path, ema: bool) -> DiffusionModule:
+def load_model(path: str | Path, ema: bool, *, compile: bool = False, channels_last: bool = False) -> DiffusionModule:
     """The module of a checkpoint, with its EMA weights (``ema``; the checkpoint's ``state_dict``) or its raw
-    trained weights (``current_model_state``, which the EMA callback keeps beside them)."""
+    trained weights (``current_model_state``, which the EMA callback keeps beside them), and the speed switches
+    ``compile`` and ``channels_last`` of the sampling run (they change how fast, not what is computed)."""
     checkpoint = load_checkpoint(path)
-    module = DiffusionModule(**checkpoint["hyper_parameters"])
+    hparams = checkpoint["hyper_parameters"]
+    hparams["model"].update(compile=compile, channels_last=channels_last)
+    module = DiffusionModule(**hparams)
     has_ema = "current_model_state" in checkpoint
     if ema and not has_ema:
         warnings.warn("the checkpoint holds no EMA weights; sampling with the trained weights", stacklevel=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -12,15 +13,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
-from diffusion.core.denoiser import network_denoiser
+from diffusion.core.denoiser import SamplingOptions, network_denoiser
 from diffusion.core.losses import training_losses
 from diffusion.core.lr_schedule import lr_factor
 from diffusion.core.schedules import NoiseSchedule, make_betas
 from diffusion.core.targets import Denoiser
 from diffusion.core.unet import UNet
 from diffusion.errors import RunError
+from diffusion.training.hparams import ModelSpec
 
-SPEED_SWITCHES = ("compile", "channels_last")  # model settings that change how fast, not what is computed
+DEFAULT_SAMPLING = SamplingOptions()  # clip x0, no guidance, no thresholding
 
 
 class LossByQuartile(Metric):
@@ -61,32 +63,30 @@ def own_storage(state: Tensor) -> Tensor:
 
 class DiffusionModule(LightningModule):
     """Trains ``UNet`` on the objective of ``configs/diffusion/*.yaml``. Every argument is a plain dict saved with
-    ``save_hyperparameters``, so a checkpoint alone rebuilds the model: ``DiffusionModule(**ckpt["hyper_parameters"])``.
+    ``save_hyperparameters`` in the layout of :mod:`diffusion.training.hparams`, so a checkpoint alone rebuilds the
+    model: ``DiffusionModule(**ckpt["hyper_parameters"])``. What they define is read from the frozen
+    :attr:`spec`; how samples are drawn is passed to :meth:`denoiser` and never stored here.
 
     Args:
         model: the UNet's settings (``configs/model``), plus the speed switches ``compile`` and ``channels_last``.
-        diffusion: timesteps, schedule, target, loss, min_snr_gamma, learned_variance, vlb_weight, label_dropout,
-            clip_x0 (``configs/diffusion``).
+        diffusion: the training objective (``configs/diffusion``): timesteps, schedule, target, loss, min_snr_gamma,
+            learned_variance, vlb_weight, label_dropout.
         optimizer: AdamW and learning-rate schedule settings (``configs/optimizer``).
-        data: the dataset's settings (``configs/dataset``); image_size and channels shape the UNet, the rest lets
-            ``sample.py`` find the training and test images again.
+        dataset: the dataset's settings (``configs/dataset``) and the run's seed; image_size and channels shape the
+            UNet, the rest lets ``sample.py`` find the training and test images again.
     """
 
-    def __init__(self, *, model: dict, diffusion: dict, optimizer: dict, data: dict) -> None:
+    def __init__(self, *, model: dict, diffusion: dict, optimizer: dict, dataset: dict) -> None:
         super().__init__()
         self.save_hyperparameters()
-        net = {k: v for k, v in model.items() if k not in SPEED_SWITCHES}
+        self.spec = ModelSpec.from_hparams(self.hparams)
+        self.objective = self.spec.objective
         self.compile_network, self.channels_last = model["compile"], model["channels_last"]
-        self.unet = UNet(
-            image_size=data["image_size"],
-            in_channels=data["channels"],
-            learned_variance=diffusion["learned_variance"],
-            **net,
-        )
+        self.unet = UNet(learned_variance=self.objective.learned_variance, **asdict(self.spec.network))
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        self.schedule = NoiseSchedule(make_betas(diffusion["schedule"], diffusion["timesteps"]))
-        self.diffusion, self.optimizer_settings = dict(diffusion), dict(optimizer)
+        self.schedule = NoiseSchedule(make_betas(self.objective.schedule, self.objective.timesteps))
+        self.optimizer_settings = dict(optimizer)
         self.loss_by_quartile = LossByQuartile()
 
     # ------------------------------------------------------------------ the model as a function
@@ -114,8 +114,9 @@ class DiffusionModule(LightningModule):
         state.pop("_sampling_weights", None)
         return state
 
-    def denoiser(self, *, labels: Tensor | None = None, guidance: float = 1.0) -> Denoiser:
-        """The network as a :data:`Denoiser` for the samplers (classifier-free guidance when ``guidance`` != 1)."""
+    def denoiser(self, options: SamplingOptions = DEFAULT_SAMPLING, labels: Tensor | None = None) -> Denoiser:
+        """The network as a :data:`Denoiser` for the samplers, drawn as ``options`` say (classifier-free guidance
+        when ``options.guidance`` != 1)."""
         if labels is None and self.conditional:
             raise RunError("this model is class-conditional: give the class labels to sample")
         if labels is not None and not self.conditional:
@@ -123,12 +124,12 @@ class DiffusionModule(LightningModule):
         return network_denoiser(
             self.network,
             self.schedule,
-            target=self.diffusion["target"],
-            learned_variance=self.diffusion["learned_variance"],
-            clip_x0=self.diffusion["clip_x0"],
-            dynamic_threshold=self.diffusion.get("dynamic_threshold"),  # set by sample.py only
+            target=self.objective.target,
+            learned_variance=self.objective.learned_variance,
+            clip_x0=options.clip_x0,
+            dynamic_threshold=options.dynamic_threshold,
             labels=labels,
-            guidance=guidance,
+            guidance=options.guidance,
             null_label=self.unet.num_classes,
         )
 
@@ -137,9 +138,9 @@ class DiffusionModule(LightningModule):
         """One image's ``(C, H, W)``."""
         return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
 
-    def denoiser_for(self, guidance: float = 1.0) -> Callable[[Tensor | None], Denoiser]:
+    def denoiser_for(self, options: SamplingOptions = DEFAULT_SAMPLING) -> Callable[[Tensor | None], Denoiser]:
         """The denoiser for a batch's labels, for :func:`diffusion.core.drawing.draw`."""
-        return lambda labels: self.denoiser(labels=labels, guidance=guidance)
+        return lambda labels: self.denoiser(options, labels)
 
     @contextlib.contextmanager
     def sampling(self) -> Iterator[None]:
@@ -168,7 +169,7 @@ class DiffusionModule(LightningModule):
             # seed_everything gives every process the same seed, so without this the processes of a data-parallel
             # run would draw the same timesteps, noise, label dropout and dropout masks for their different images.
             # Rank 0 keeps the seed of a one-process run; a resume then restores each process's own state.
-            torch.manual_seed(self.hparams["data"]["seed"] + 1_000_003 * self.global_rank)
+            torch.manual_seed(self.hparams["dataset"]["seed"] + 1_000_003 * self.global_rank)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not self.conditional:
             return
@@ -192,18 +193,18 @@ class DiffusionModule(LightningModule):
             x_t,
             t,
             noise,
-            target=self.diffusion["target"],
-            loss=self.diffusion["loss"],
-            learned_variance=self.diffusion["learned_variance"],
-            vlb_weight=self.diffusion["vlb_weight"],
-            min_snr_gamma=self.diffusion["min_snr_gamma"],
+            target=self.objective.target,
+            loss=self.objective.loss,
+            learned_variance=self.objective.learned_variance,
+            vlb_weight=self.objective.vlb_weight,
+            min_snr_gamma=self.objective.min_snr_gamma,
         )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
         T = len(self.schedule)
         t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
-        drop = torch.rand(x0.shape[0], device=x0.device) < self.diffusion["label_dropout"] if self.conditional else None
+        drop = torch.rand(x0.shape[0], device=x0.device) < self.objective.label_dropout if self.conditional else None
         terms = self._losses(x0, labels, t, torch.randn_like(x0), drop)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
