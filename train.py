@@ -13,7 +13,9 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -23,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
 from diffusion.data.datamodule import DiffusionDataModule
-from diffusion.errors import RunError, report_errors
+from diffusion.errors import RunError, SettingError, UserError, report_errors
 from diffusion.settings import TrainSettings, check_train, config_options
 from diffusion.training import hparams as layout
 from diffusion.training.checkpoint_reading import check_resumable, find_last_checkpoint, load_checkpoint
@@ -74,9 +76,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = DiffusionDataModule(**hparams["dataset"])
     module = DiffusionModule(**hparams)
     ckpt_path = checkpoint_to_resume(cfg, hparams)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks = [build(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c is not None]
+    loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c is not None]
+    trainer: Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if isinstance(trainer.accelerator, CUDAAccelerator):
         torch.set_float32_matmul_precision(cfg.cuda_matmul_precision)
     run_dir = Path(cfg.paths.output_dir)
@@ -103,6 +105,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
             rank_zero_info(f"Resume with: {resume_command(run_dir, last)}")
         raise SystemExit(128 + stopped_by)
     return metrics
+
+
+def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate(node)``, with a value that the class refuses (its argument checks: a ``UserError``, a
+    ``ValueError``, a ``TypeError`` for an unknown argument, Lightning's ``MisconfigurationException``) reported as
+    one paragraph that names the settings' key, instead of Hydra's "Error in call to target" and a traceback. Any
+    other failure is a bug and keeps its traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if not isinstance(cause, UserError | ValueError | TypeError | MisconfigurationException):
+            raise
+        raise SettingError(
+            f"{key}: {cause} (the settings are {key}.KEY=VALUE; python train.py --cfg job shows them all)"
+        ) from None
 
 
 def record_hyperparameters(trainer: Trainer, hparams: dict[str, dict[str, Any]], metrics: dict[str, float]) -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/ablation.py --device cpu --steps 1289 --batch 64 --jobs 2 \\
         --arm v_cosine_minsnr "diffusion=v_prediction" --arm v_linear "diffusion.target=v" \\
-        -- model=tiny dataset.image_size=28 optimizer.schedule=constant
+        -- model=tiny dataset.image_size=28 optimizer.lr_schedule=constant
     python benchmarks/ablation.py --device cuda --steps 2000 --jobs 4 --arm base "" --arm no_dropout "model.dropout=0"
 
 Each arm is ``train.py experiment=fashion`` at ``--batch`` and quality.py's learning rate, for ``--steps`` steps,

@@ -5,7 +5,7 @@ points register them as ``train_schema`` and ``sample_schema``, first in the def
 wrong type or a key that does not exist stops the run when the command line is read, with Hydra's message naming
 the key. No field has a default here: every default lives in the YAML. Ranges and combinations, which a type
 cannot say, are checked by :func:`check_train` and :func:`check_sample` on the plain resolved settings, before any
-work starts; each problem is one :class:`~diffusion.errors.RunError` that names the key, the value and the fix.
+work starts; each problem is one :class:`~diffusion.errors.SettingError` that names the key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ from typing import Any, get_args
 
 from omegaconf import MISSING
 
-from diffusion.core.schedules import Spacing
-from diffusion.errors import RunError
+from diffusion.core.losses import LossType
+from diffusion.core.lr_schedule import LRShape
+from diffusion.core.reverse import Variance
+from diffusion.core.schedules import ScheduleName, Spacing, make_betas
+from diffusion.core.targets import Target
+from diffusion.core.unet import UNet
+from diffusion.errors import RunError, SettingError
 
 
 @dataclass
@@ -74,7 +79,7 @@ class OptimizerSettings:
     eps: float = MISSING
     weight_decay: float = MISSING
     warmup_steps: int = MISSING
-    schedule: str = MISSING
+    lr_schedule: str = MISSING
     min_lr_ratio: float = MISSING
     fused: bool = MISSING
 
@@ -124,6 +129,7 @@ class SampleSettings:
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # where this project trains (Lightning names)
 
 
 def config_options(group: str) -> str:
@@ -132,7 +138,7 @@ def config_options(group: str) -> str:
 
 
 def _fail(key: str, value: Any, why: str, fix: str) -> None:
-    raise RunError(f"{key}={value!r} {why}; {fix}")
+    raise SettingError(f"{key}={value!r} {why}; {fix}")
 
 
 def _integer(settings: dict, key: str, minimum: int, fix: str, *, allowed: tuple = ()) -> None:
@@ -150,14 +156,50 @@ def _get(settings: dict, key: str) -> Any:
     return node
 
 
+def _choice(settings: dict, key: str, choices: tuple) -> None:
+    value = _get(settings, key)
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        _fail(key, value, "is not one of its choices", f"{hint}choose one of {', '.join(map(str, choices))}")
+
+
+def _number(settings: dict, key: str, low: float, high: float, fix: str, *, open_low=False, open_high=False) -> None:
+    """A real number in [low, high] (or open at either end); ``None`` passes where the setting may be null."""
+    value = _get(settings, key)
+    if value is None:
+        return
+    inside = isinstance(value, int | float) and not isinstance(value, bool)
+    inside = inside and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+    if not inside:
+        where = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        _fail(key, value, f"is not a number in {where}", fix)
+
+
+def _whole_numbers(settings: dict, key: str, minimum: int, fix: str, *, length: int | None = None, at_least=0) -> None:
+    """A list of whole numbers, each at least ``minimum``: of exactly ``length`` elements, or at least ``at_least``."""
+    value = _get(settings, key)
+    good = isinstance(value, list | tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value
+    )
+    if not good or (length is not None and len(value) != length) or len(value) < at_least:
+        size = f"{length}" if length is not None else f"at least {at_least}" if at_least else "any number of"
+        _fail(key, value, f"is not a list of {size} whole numbers of at least {minimum}", fix)
+
+
 def check_sampler(settings: dict, key: str = "sampler") -> None:
     sampler = _get(settings, key)
     _integer(settings, f"{key}.steps", 1, f"give the sampler's number of steps, e.g. {key}.steps=50")
-    spacings = get_args(Spacing)
-    if "spacing" in sampler and sampler["spacing"] not in spacings:
-        _fail(f"{key}.spacing", sampler["spacing"], "is not a timestep spacing", f"choose one of {', '.join(spacings)}")
-    if "eta" in sampler and not (isinstance(sampler["eta"], int | float) and 0 <= sampler["eta"] <= 1):
-        _fail(f"{key}.eta", sampler["eta"], "is not a number in [0, 1]", "0 is deterministic DDIM, 1 ancestral")
+    if "spacing" in sampler:
+        _choice(settings, f"{key}.spacing", get_args(Spacing))
+    if "eta" in sampler:
+        _number(settings, f"{key}.eta", 0, 1, "0 is deterministic DDIM, 1 ancestral")
+    if "variance" in sampler and sampler["variance"] is not None:
+        _choice(settings, f"{key}.variance", get_args(Variance))
+    if "corrector_steps" in sampler:
+        _integer(settings, f"{key}.corrector_steps", 0, f"0 runs no Langevin corrector, e.g. {key}.corrector_steps=1")
+    if "snr" in sampler:
+        _number(settings, f"{key}.snr", 0, float("inf"), "the corrector's signal-to-noise ratio, 0.16", open_low=True)
 
 
 def check_known_keys(settings: dict, group: str, schema: type) -> None:
@@ -168,7 +210,88 @@ def check_known_keys(settings: dict, group: str, schema: type) -> None:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {group}.{close[0]}?" if close else f"its settings are {', '.join(known)}"
-            raise RunError(f"{group}.{key} is not a setting of {group}; {hint}")
+            raise SettingError(f"{group}.{key} is not a setting of {group}; {hint}")
+
+
+def check_model(settings: dict) -> None:
+    """The UNet's settings, and whether they fit the image size (the UNet's own check, run here before any work)."""
+    _integer(settings, "model.base_channels", 1, "e.g. model.base_channels=64")
+    _whole_numbers(settings, "model.channel_mult", 1, "one multiplier per level, e.g. model.channel_mult=[1,2,2,2]",
+                   at_least=1)  # fmt: skip
+    _integer(settings, "model.num_res_blocks", 1, "e.g. model.num_res_blocks=2")
+    _whole_numbers(settings, "model.attention_resolutions", 1, "feature-map sizes, e.g. [16] or [] for none")
+    _integer(settings, "model.num_heads", 1, "e.g. model.num_heads=1")
+    _number(settings, "model.dropout", 0, 1, "the share of activations dropped, e.g. 0.1", open_high=True)
+    _integer(settings, "model.num_classes", 1, "null for an unconditional model", allowed=(None,))
+    model, dataset = settings["model"], settings["dataset"]
+    UNet.check_arguments(
+        dataset["image_size"], dataset["channels"], model["base_channels"], model["channel_mult"],
+        model["attention_resolutions"], model["num_heads"],
+    )  # fmt: skip
+
+
+def check_objective(settings: dict) -> None:
+    _integer(settings, "diffusion.timesteps", 2, "Ho et al. use diffusion.timesteps=1000")
+    _choice(settings, "diffusion.schedule", get_args(ScheduleName))
+    _choice(settings, "diffusion.target", get_args(Target))
+    _choice(settings, "diffusion.loss", get_args(LossType))
+    diffusion = settings["diffusion"]
+    _number(settings, "diffusion.min_snr_gamma", 0, float("inf"), "null for none, e.g. 5.0", open_low=True)
+    if diffusion["min_snr_gamma"] is not None and diffusion["loss"] != "mse":
+        _fail("diffusion.min_snr_gamma", diffusion["min_snr_gamma"], "weights the mse loss only", "set it to null")
+    _number(settings, "diffusion.vlb_weight", 0, float("inf"), "Nichol & Dhariwal's is 0.001")
+    _number(
+        settings, "diffusion.label_dropout", 0, 1,
+        "it is the share of labels dropped for classifier-free guidance, e.g. 0.1 (1 or more would drop them all)",
+        open_high=True,
+    )  # fmt: skip
+    try:
+        make_betas(diffusion["schedule"], diffusion["timesteps"])
+    except SettingError as error:
+        raise SettingError(f"diffusion.schedule={diffusion['schedule']!r}: {error}") from None
+
+
+def check_optimizer(settings: dict) -> None:
+    _number(settings, "optimizer.lr", 0, float("inf"), "give a learning rate, e.g. optimizer.lr=2e-4", open_low=True)
+    betas = settings["optimizer"]["betas"]
+    ok = isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
+    if not ok:
+        _fail("optimizer.betas", betas, "is not two numbers in [0, 1)", "e.g. optimizer.betas=[0.9,0.999]")
+    _number(settings, "optimizer.eps", 0, float("inf"), "e.g. 1e-8", open_low=True)
+    _number(settings, "optimizer.weight_decay", 0, float("inf"), "0 for none")
+    _integer(settings, "optimizer.warmup_steps", 0, "0 starts at the full learning rate")
+    _choice(settings, "optimizer.lr_schedule", get_args(LRShape))
+    _number(settings, "optimizer.min_lr_ratio", 0, 1, "e.g. 0.05")
+
+
+def check_dataset(settings: dict) -> None:
+    _integer(settings, "dataset.batch_size", 1, "give the images per batch and device, e.g. dataset.batch_size=64")
+    _integer(settings, "dataset.image_size", 4, "give the image side in pixels, e.g. dataset.image_size=32")
+    _choice(settings, "dataset.channels", (1, 3))
+    _number(settings, "dataset.val_fraction", 0, 1, "the share held out for val/loss, e.g. 0.05", open_high=True)
+    _integer(settings, "dataset.num_workers", 0, "0 loads in the training process")
+    _integer(settings, "dataset.num_classes", 1, "null for a dataset without classes", allowed=(None,))
+    background = settings["dataset"]["background"]
+    if not (isinstance(background, list) and len(background) == 3 and all(0 <= v <= 255 for v in background)):
+        _fail("dataset.background", background, "is not an RGB colour", "three values in 0-255, e.g. [255,255,255]")
+
+
+def check_callbacks(settings: dict) -> None:
+    """The settings of the project's own callbacks; Lightning's own are checked by Lightning (see train.build)."""
+    callbacks = settings.get("callbacks") or {}
+    if callbacks.get("ema"):
+        _number(settings, "callbacks.ema.half_life_images", 0, float("inf"), "e.g. 8850", open_low=True)
+        _number(settings, "callbacks.ema.rampup_ratio", 0, 1, "null for no warm-up, e.g. 0.05", open_low=True)
+    if callbacks.get("fid"):
+        _integer(settings, "callbacks.fid.every_n_epochs", 0, "0 switches the training FID off")
+        for key in ("num_samples", "reference_images", "batch_size"):
+            _integer(settings, f"callbacks.fid.{key}", 1, f"e.g. callbacks.fid.{key}=1000")
+        _integer(settings, "callbacks.fid.kid_subset_size", 2, "e.g. callbacks.fid.kid_subset_size=1000")
+        _integer(settings, "callbacks.fid.steps", 1, "or null for the sampler's own", allowed=(None,))
+        check_sampler(settings, "callbacks.fid.sampler")
+    if callbacks.get("model_checkpoint"):
+        _integer(settings, "callbacks.model_checkpoint.every_n_train_steps", 0, "0: only last.ckpt, e.g. 1000")
+        _integer(settings, "callbacks.model_checkpoint.save_top_k", -1, "-1 keeps every periodic checkpoint")
 
 
 def check_train(settings: dict, cuda_available: bool) -> None:
@@ -180,33 +303,30 @@ def check_train(settings: dict, cuda_available: bool) -> None:
         ("optimizer", OptimizerSettings),
     ):
         check_known_keys(settings, group, schema)
+    check_dataset(settings)
+    check_model(settings)
+    check_objective(settings)
+    check_optimizer(settings)
+    check_callbacks(settings)
     trainer, optimizer, diffusion = settings["trainer"], settings["optimizer"], settings["diffusion"]
     max_steps = trainer.get("max_steps")
     if max_steps == -1:
-        if optimizer["schedule"] == "cosine":
+        if optimizer["lr_schedule"] == "cosine":
             _fail(
                 "trainer.max_steps",
                 -1,
                 "(no limit) leaves the cosine learning-rate schedule without a length",
-                "give the run a length (trainer.max_steps=N) or use optimizer.schedule=constant",
+                "give the run a length (trainer.max_steps=N) or use optimizer.lr_schedule=constant",
             )
     else:
         _integer(settings, "trainer.max_steps", 1, "give the number of optimizer steps, e.g. trainer.max_steps=2500")
-    _integer(settings, "dataset.batch_size", 1, "give the images per batch and device, e.g. dataset.batch_size=64")
-    _integer(settings, "dataset.image_size", 4, "give the image side in pixels, e.g. dataset.image_size=32")
-    _integer(settings, "optimizer.warmup_steps", 0, "0 starts at the full learning rate")
-    if not optimizer["lr"] > 0:
-        _fail("optimizer.lr", optimizer["lr"], "is not positive", "give a learning rate, e.g. optimizer.lr=2e-4")
-    if not 0 <= optimizer["min_lr_ratio"] <= 1:
-        _fail("optimizer.min_lr_ratio", optimizer["min_lr_ratio"], "is not in [0, 1]", "e.g. 0.05")
-    if not 0 <= diffusion["label_dropout"] < 1:
-        _fail(
-            "diffusion.label_dropout",
-            diffusion["label_dropout"],
-            "is not a probability in [0, 1)",
-            "it is the share of labels dropped for classifier-free guidance, e.g. 0.1 (1 or more would drop them all)",
-        )
     check_sampler(settings)
+    for name in ("previews", "fid"):  # the steps these callbacks draw with: their own, or the sampler's
+        callback = (settings.get("callbacks") or {}).get(name)
+        steps = callback and (callback.get("steps") or settings["sampler"]["steps"])
+        if steps and steps > diffusion["timesteps"]:
+            key = f"callbacks.{name}.steps" if callback.get("steps") else "sampler.steps"
+            _fail(key, steps, f"is more than diffusion.timesteps={diffusion['timesteps']}", "lower it")
     samples = (settings.get("callbacks") or {}).get("previews")
     if samples:
         for key in ("num_images", "gif_images"):
@@ -218,6 +338,12 @@ def check_train(settings: dict, cuda_available: bool) -> None:
         if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not guidance >= 0:
             _fail("callbacks.previews.guidance", guidance, "is not a number >= 0", "1 is no guidance, e.g. 3.0")
     accelerator = str(trainer.get("accelerator", "auto"))
+    _choice({"trainer": {"accelerator": accelerator}}, "trainer.accelerator", ACCELERATORS)
+    for key in ("log_every_n_steps", "accumulate_grad_batches"):
+        if key in trainer:
+            _integer(settings, f"trainer.{key}", 1, f"e.g. trainer.{key}=1")
+    if "gradient_clip_val" in trainer:
+        _number(settings, "trainer.gradient_clip_val", 0, float("inf"), "null or 0 for no clipping, e.g. 1.0")
     if accelerator in ("gpu", "cuda") and not cuda_available:
         _fail(
             "trainer.accelerator",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sample import main as sample_main
@@ -20,7 +21,7 @@ CATALOGUE = [
     ("sample.py", [], ["error: sample.py needs a checkpoint", "ckpt=PATH"]),
     ("sample.py", ["ckpt=EMPTY"], ["error:", "is not a readable checkpoint (the file is empty)"]),
     ("train.py", ["trainer.max_steps=abc"], ["error: trainer.max_steps='abc'"]),
-    ("train.py", ["trainer.max_steps=-1"], ["error: trainer.max_steps=-1", "optimizer.schedule=constant"]),
+    ("train.py", ["trainer.max_steps=-1"], ["error: trainer.max_steps=-1", "optimizer.lr_schedule=constant"]),
     ("train.py", ["dataset.batch_size=0"], ["error: dataset.batch_size=0"]),
     ("train.py", ["dataset.batch_size=-4"], ["error: dataset.batch_size=-4"]),
     ("train.py", ["dataset.batch_size=abc"], ["dataset.batch_size", "could not be converted to Integer"]),
@@ -49,6 +50,30 @@ CATALOGUE = [
     ("sample.py", ["ckpt=CKPT", "sampler=ddim", "sampler.eta=3"], ["error: sampler.eta=3"]),
     ("sample.py", ["ckpt=CKPT", "sampler.spacing=leading"], ["error: sampler.spacing='leading'", "trailing"]),
     ("sample.py", ["ckpt=CKPT", "dynamic_threshold=99.5"], ["error: dynamic_threshold=99.5", "0.995"]),
+    ("sample.py", ["ckpt=CKPT", "sampler=ddpm", "sampler.variance=big"], ["error: sampler.variance='big'", "beta"]),
+    # every closed choice, list and range, checked before any work
+    ("train.py", ["diffusion.target=epsilon"], ["error: diffusion.target='epsilon'", "did you mean eps?"]),
+    ("train.py", ["diffusion.loss=l3"], ["error: diffusion.loss='l3'", "mse, l1"]),
+    ("train.py", ["diffusion.schedule=wavy"], ["error: diffusion.schedule='wavy'", "linear, cosine"]),
+    ("train.py", ["diffusion.timesteps=1"], ["error: diffusion.timesteps=1"]),
+    ("train.py", ["diffusion.timesteps=10"], ["error: diffusion.schedule='linear'", "more than 20 steps"]),
+    ("train.py", ["diffusion.loss=l1", "diffusion.min_snr_gamma=5"], ["error: diffusion.min_snr_gamma=5.0", "mse"]),
+    ("train.py", ["optimizer.lr_schedule=linear"], ["error: optimizer.lr_schedule='linear'", "constant, cosine"]),
+    ("train.py", ["optimizer.betas=[0.9]"], ["error: optimizer.betas=[0.9]", "two numbers"]),
+    ("train.py", ["model.channel_mult=[]"], ["error: model.channel_mult=[]", "at least 1 whole numbers"]),
+    ("train.py", ["model.channel_mult=[1,0]"], ["error: model.channel_mult=[1, 0]"]),
+    ("train.py", ["model.attention_resolutions=[5]"], ["error: model.attention_resolutions [5] are not feature-map"]),
+    ("train.py", ["model.dropout=1.5"], ["error: model.dropout=1.5", "[0, 1)"]),
+    ("train.py", ["dataset.channels=2"], ["error: dataset.channels=2", "1, 3"]),
+    ("train.py", ["dataset.background=[1,2]"], ["error: dataset.background=[1, 2]", "RGB"]),
+    ("train.py", ["callbacks.previews.steps=5000"], ["error: callbacks.previews.steps=5000", "diffusion.timesteps"]),
+    ("train.py", ["callbacks.ema.half_life_images=-5"], ["error: callbacks.ema.half_life_images=-5"]),
+    ("train.py", ["callbacks.fid.kid_subset_size=1"], ["error: callbacks.fid.kid_subset_size=1"]),
+    ("train.py", ["trainer.accelerator=tpu"], ["error: trainer.accelerator='tpu'", "auto, cpu, gpu"]),
+    ("train.py", ["trainer.gradient_clip_val=-1"], ["error: trainer.gradient_clip_val=-1"]),
+    # values a library refuses: the project's paragraph, naming the key, not Hydra's "Error in call to target"
+    ("train.py", ["trainer.precision=bogus"], ["error: trainer: Precision 'bogus' is invalid", "trainer.KEY"]),
+    ("train.py", ["+callbacks.ema.foo=1"], ["error: callbacks.ema:", "unexpected keyword argument 'foo'"]),
 ]
 
 
@@ -115,12 +140,50 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, script, argument
     assert not (tmp_path / "out").exists()
 
 
-def test_a_value_error_inside_a_library_keeps_its_traceback():
-    """Only the project's own checks become one-paragraph errors; a ValueError raised inside a library is a bug."""
+def test_errors_are_the_users_by_their_type_not_by_where_they_were_raised():
+    """A SettingError or RunError is reported as one paragraph wherever it comes from; any other error, a
+    ValueError of the project's own core included, keeps its traceback."""
     from diffusion.core.schedules import make_betas
-    from diffusion.errors import report_errors
+    from diffusion.core.unet import UNet
+    from diffusion.errors import RunError, SettingError, report_errors
 
     with pytest.raises(SystemExit):
-        report_errors(lambda: make_betas("wavy", 100))()  # the project's check: reported
+        report_errors(lambda: make_betas("wavy", 100))()  # the core's check of a closed choice: reported
+    with pytest.raises(SystemExit):
+        report_errors(lambda: (_ for _ in ()).throw(RunError("no data")))()
     with pytest.raises(ValueError, match="invalid literal"):
         report_errors(lambda: int("abc"))()  # Python's own: raised, with its traceback
+    net = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=[1], num_res_blocks=1,
+               attention_resolutions=[], num_heads=1, dropout=0.0, scale_shift=False, num_classes=None,
+               learned_variance=False)  # fmt: skip
+    with pytest.raises(ValueError, match="expects images of shape") as raised:
+        report_errors(lambda: net(torch.zeros(1, 3, 8, 8), torch.zeros(1)))()  # a shape check in the network: a bug
+    assert not isinstance(raised.value, SettingError)
+
+
+def test_a_value_error_inside_the_network_mid_run_shows_its_traceback(tmp_path, monkeypatch, capsys):
+    """A bug that makes the UNet's own shape check (in diffusion/core/unet.py) raise ValueError during a training
+    step is not taken for a user's error: it keeps its traceback."""
+    from diffusion.training.module import DiffusionModule
+
+    def cropped(self, x_t, t, labels):  # a bug: the images lose a row on their way to the network
+        return self.unet(x_t[:, :, 1:], t, labels)
+
+    monkeypatch.setattr(DiffusionModule, "network", cropped)
+    cfg = compose_config("train", ["debug=smoke", "~callbacks.previews"], tmp_path / "run")
+    with pytest.raises(ValueError, match="the UNet expects images of shape"):
+        train_main.__wrapped__(cfg)  # the task under report_errors, as the command line runs it
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_bad_input_under_two_processes_prints_one_message(tmp_path):
+    """Both processes of a two-process run meet the same bad input (a class count the data does not have, found
+    in setup, after the second process started): one message, no traceback, status 1."""
+    result = run_script(
+        "train.py", "debug=smoke", "trainer.devices=2", "model.num_classes=5", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1" in result.stdout + result.stderr  # it got that far
+    assert result.stderr.count("error: model.num_classes is 5 but the dataset has 10 classes") == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

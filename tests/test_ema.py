@@ -238,7 +238,7 @@ def test_a_run_stopped_during_validation_saves_the_weights_unswapped(tmp_path, m
 
     common = [
         "~callbacks.previews",
-        "optimizer.schedule=constant",
+        "optimizer.lr_schedule=constant",
         "callbacks.model_checkpoint.every_n_train_steps=100",
         "callbacks.ema.rampup_ratio=null",  # an average that differs clearly from the raw weights at step 3
     ]

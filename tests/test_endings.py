@@ -163,7 +163,7 @@ def test_resume_true_without_a_checkpoint_does_not_take_another_run(tmp_path):
 
 
 def test_a_resume_with_a_new_learning_rate_trains_at_that_rate(tmp_path):
-    common = ["~callbacks.previews", "optimizer.warmup_steps=0", "optimizer.schedule=constant"]
+    common = ["~callbacks.previews", "optimizer.warmup_steps=0", "optimizer.lr_schedule=constant"]
     first = tmp_path / "first"
     run_train(first, *common, "optimizer.lr=1e-3")
     resumed = tmp_path / "resumed"

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from diffusion.core.schedules import NoiseSchedule
 from diffusion.core.targets import Denoiser, Prediction, Target, eps_from_x0, to_x0_eps
+from diffusion.errors import SettingError
 
 # net(x_t, t, labels) -> output, (B, C or 2C, H, W); labels (B,) int64 or None
 Network = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -62,7 +63,7 @@ def network_denoiser(
     The function returned has ``rows_per_image``: images through the network per image denoised (2 with guidance).
     """
     if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
-        raise ValueError(f"dynamic_threshold is a percentile in (0, 1], e.g. 0.995; got {dynamic_threshold}")
+        raise SettingError(f"dynamic_threshold is a percentile in (0, 1], e.g. 0.995; got {dynamic_threshold}")
     if guidance != 1.0 and labels is None:
         raise ValueError("classifier-free guidance needs class labels: pass labels, or set guidance to 1")
     if guidance != 1.0 and null_label is None:

@@ -20,6 +20,7 @@ from diffusion.core.images import to_uint8
 from diffusion.core.samplers.base import Sampler, SamplerStep
 from diffusion.core.schedules import NoiseSchedule
 from diffusion.core.targets import Denoiser, Prediction
+from diffusion.errors import SettingError
 
 BLOCK = 32  # images per noise generator
 
@@ -96,7 +97,7 @@ def draw(
         on_step: sees every step of every batch (a progress bar).
     """
     if n < 1 or batch_size < 1:
-        raise ValueError(f"need at least one image and a batch size of at least 1, got n={n}, batch_size={batch_size}")
+        raise SettingError(f"need at least one image and a batch of at least 1, got n={n}, batch_size={batch_size}")
     indices = list(range(n)) if indices is None else list(indices)
     if len(indices) != n or (labels is not None and len(labels) != n):
         raise ValueError("indices and labels must have one entry per image")

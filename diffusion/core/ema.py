@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 
+from diffusion.errors import SettingError
+
 
 def ema_decay(images_seen: float, batch_images: float, half_life_images: float, rampup_ratio: float | None) -> float:
     """beta for a step of ``batch_images`` images after ``images_seen`` images (the formula above); 0 copies."""
     if half_life_images <= 0 or batch_images <= 0:
-        raise ValueError(
+        raise SettingError(
             f"the EMA half-life and the images per step must be positive, got {half_life_images} and {batch_images}"
         )
     half_life = half_life_images if rampup_ratio is None else min(half_life_images, rampup_ratio * images_seen)
@@ -35,5 +37,5 @@ def ema_decay(images_seen: float, batch_images: float, half_life_images: float, 
 def half_life_of_decay(decay: float, batch_images: float) -> float:
     """The half-life in images of a fixed per-step decay ``decay`` at ``batch_images`` images per step."""
     if not 0.0 < decay < 1.0:
-        raise ValueError(f"an EMA decay must lie strictly between 0 and 1, got {decay}")
+        raise SettingError(f"an EMA decay must lie strictly between 0 and 1, got {decay}")
     return batch_images * math.log(0.5) / math.log(decay)

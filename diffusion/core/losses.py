@@ -16,6 +16,7 @@ from torch import Tensor
 from diffusion.core.reverse import Variance, p_mean_variance
 from diffusion.core.schedules import NoiseSchedule
 from diffusion.core.targets import Denoiser, Prediction, Target, from_x0_eps, to_x0_eps, x0_error_scale
+from diffusion.errors import SettingError
 
 LossType = Literal["mse", "l1"]
 LN2 = math.log(2.0)
@@ -134,10 +135,10 @@ def training_losses(
     elif loss == "l1":
         simple = mean_flat(error.abs())
     else:
-        raise ValueError(f"unknown loss {loss!r}; choose mse or l1")
+        raise SettingError(f"unknown loss {loss!r}; choose mse or l1")
     if min_snr_gamma is not None:
         if loss != "mse":
-            raise ValueError("min-SNR weighting (diffusion.min_snr_gamma) is defined for the mse loss only")
+            raise SettingError("min-SNR weighting (diffusion.min_snr_gamma) is defined for the mse loss only")
         simple = simple * min_snr_weight(schedule, target, t, min_snr_gamma).to(simple.dtype)
     terms = {"simple": simple}
     if var_frac is not None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from diffusion.core.schedules import NoiseSchedule
 from diffusion.core.targets import Prediction
+from diffusion.errors import SettingError
 
 Variance = Literal["beta", "beta_tilde", "learned"]
 
@@ -36,9 +37,9 @@ def p_mean_variance(
         return mean, torch.where(first, log_tilde, log_beta)
     if variance == "learned":
         if prediction.var_frac is None:
-            raise ValueError(
+            raise SettingError(
                 "variance='learned' needs a model trained with diffusion.learned_variance=true; "
                 "this one has a fixed variance, so use variance='beta' or 'beta_tilde'"
             )
         return mean, prediction.var_frac * log_beta + (1.0 - prediction.var_frac) * log_tilde
-    raise ValueError(f"unknown reverse-process variance {variance!r}; choose beta, beta_tilde or learned")
+    raise SettingError(f"unknown reverse-process variance {variance!r}; choose beta, beta_tilde or learned")

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from diffusion.errors import SettingError
+
 ScheduleName = Literal["linear", "cosine", "sigmoid", "quadratic"]
 Spacing = Literal["uniform", "quadratic", "logsnr", "trailing"]
 
@@ -71,12 +73,12 @@ SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_
 def make_betas(name: ScheduleName, T: int) -> Tensor:
     """The named schedule for ``T`` steps, float64 of shape ``(T,)``."""
     if name not in SCHEDULES:
-        raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+        raise SettingError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}")
     if T < 2:
-        raise ValueError(f"the number of diffusion steps must be at least 2, got {T}")
+        raise SettingError(f"the number of diffusion steps must be at least 2, got {T}")
     betas = SCHEDULES[name](T)
     if betas.max() >= 1:
-        raise ValueError(
+        raise SettingError(
             f"the {name} schedule scaled to T={T} steps has betas of {betas.max().item():.3g} (it scales "
             f"beta by 1000 / T); use more than 20 steps with it, or the cosine schedule"
         )
@@ -96,7 +98,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> l
     """
     T = len(schedule)
     if not 1 <= steps <= T:
-        raise ValueError(f"the number of sampling steps must be between 1 and T = {T}, got {steps}")
+        raise SettingError(f"the number of sampling steps must be between 1 and T = {T}, got {steps}")
     if steps == 1:
         return [T - 1]
     if spacing == "uniform":
@@ -110,7 +112,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> l
         targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
         points = _interp(targets, log_snr, torch.arange(T - 1, -1, -1, dtype=torch.float64))
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose uniform, quadratic, logsnr or trailing")
+        raise SettingError(f"unknown timestep spacing {spacing!r}; choose uniform, quadratic, logsnr or trailing")
     chosen: list[int] = []
     for p in points.round().long().tolist():
         chosen.append(max(p, chosen[-1] + 1) if chosen else p)

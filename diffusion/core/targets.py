@@ -20,6 +20,7 @@ from typing import Literal
 from torch import Tensor
 
 from diffusion.core.schedules import NoiseSchedule
+from diffusion.errors import SettingError
 
 Target = Literal["eps", "x0", "v", "mu"]
 TARGETS: tuple[Target, ...] = ("eps", "x0", "v", "mu")
@@ -73,7 +74,7 @@ def to_x0_eps(schedule: NoiseSchedule, target: Target, output: Tensor, x_t: Tens
         c2 = schedule.at(schedule.posterior_mean_coef2, t, x_t)
         x0 = (output - c2 * x_t) / c1
         return x0, (x_t - a * x0) / s
-    raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+    raise SettingError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
 
 
 def from_x0_eps(schedule: NoiseSchedule, target: Target, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -88,7 +89,7 @@ def from_x0_eps(schedule: NoiseSchedule, target: Target, x0: Tensor, eps: Tensor
     if target == "mu":
         c1 = schedule.at(schedule.posterior_mean_coef1, t, x_t)
         return c1 * x0 + schedule.at(schedule.posterior_mean_coef2, t, x_t) * x_t
-    raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+    raise SettingError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
 
 
 def x0_error_scale(schedule: NoiseSchedule, target: Target, t: Tensor) -> Tensor:
@@ -104,4 +105,4 @@ def x0_error_scale(schedule: NoiseSchedule, target: Target, t: Tensor) -> Tensor
         return (schedule.snr[t] + 1.0).sqrt()
     if target == "mu":
         return schedule.posterior_mean_coef1[t]
-    raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+    raise SettingError(f"unknown prediction target {target!r}; choose one of {TARGETS}")

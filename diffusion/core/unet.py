@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion.errors import SettingError
+
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, ``(B,) -> (B, dim)``: [sin(t w_i), cos(t w_i)] with
@@ -200,7 +202,7 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         channel_mult = list(channel_mult)
-        self._check_arguments(image_size, in_channels, base_channels, channel_mult, attention_resolutions, num_heads)
+        self.check_arguments(image_size, in_channels, base_channels, channel_mult, attention_resolutions, num_heads)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.out_channels = in_channels * (2 if learned_variance else 1)
         emb_dim = 4 * base_channels
@@ -245,7 +247,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
 
     @staticmethod
-    def _check_arguments(
+    def check_arguments(
         image_size: int,
         in_channels: int,
         base_channels: int,
@@ -254,26 +256,29 @@ class UNet(nn.Module):
         num_heads: int,
     ) -> None:
         if in_channels not in (1, 3):
-            raise ValueError(f"the UNet takes 1 (grayscale) or 3 (RGB) image channels, got in_channels={in_channels}")
+            raise SettingError(f"the UNet takes 1 (grayscale) or 3 (RGB) image channels, got in_channels={in_channels}")
         if not channel_mult:
-            raise ValueError("channel_mult needs at least one level")
+            raise SettingError("channel_mult needs at least one level")
         factor = 2 ** (len(channel_mult) - 1)
         if image_size < factor or image_size % factor:
-            raise ValueError(
-                f"image_size={image_size} does not fit a UNet with {len(channel_mult)} levels "
-                f"(channel_mult={channel_mult}): the size must be a multiple of 2^{len(channel_mult) - 1} = {factor}. "
-                f"Sizes that work near it: {valid_image_sizes_near(image_size, factor)}; or use fewer levels."
+            raise SettingError(
+                f"dataset.image_size={image_size} does not fit a UNet with {len(channel_mult)} levels "
+                f"(model.channel_mult={channel_mult}): the size must be a multiple of "
+                f"2^{len(channel_mult) - 1} = {factor}. Sizes that work near it: "
+                f"{valid_image_sizes_near(image_size, factor)}; or use fewer levels."
             )
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
         unknown = sorted(set(attention_resolutions) - set(resolutions))
         if unknown:
-            raise ValueError(
-                f"attention_resolutions {unknown} are not feature-map sizes of this UNet; for image_size={image_size} "
-                f"and {len(channel_mult)} levels they are {resolutions}"
+            raise SettingError(
+                f"model.attention_resolutions {unknown} are not feature-map sizes of this UNet; for "
+                f"dataset.image_size={image_size} and {len(channel_mult)} levels they are {resolutions}"
             )
         for mult in channel_mult:
             if (base_channels * mult) % num_heads:
-                raise ValueError(f"num_heads={num_heads} must divide every level's channels ({base_channels * mult})")
+                raise SettingError(
+                    f"model.num_heads={num_heads} must divide every level's channels ({base_channels * mult})"
+                )
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """x: ``(B, C, H, W)``; t: ``(B,)`` timesteps; labels: ``(B,)`` int64 for a conditional model (the value

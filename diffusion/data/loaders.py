@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from diffusion.errors import SettingError
+
 
 class ShardedBatchSampler(Sampler[list[int]]):
     """Batches of this rank's share of a per-epoch permutation of ``range(n)``.
@@ -35,7 +37,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self, n: int, batch_size: int, *, shuffle: bool, full_batches: bool, seed: int, rank: int, world_size: int
     ) -> None:
         if n < world_size or (full_batches and n // world_size < batch_size):
-            raise ValueError(
+            raise SettingError(
                 f"{n} images cannot fill a batch of {batch_size} on each of {world_size} process(es); "
                 f"lower dataset.batch_size or use more images"
             )

@@ -79,12 +79,15 @@ def from_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def upgrade(hparams: dict[str, Any]) -> dict[str, Any]:
     """The hyperparameters of a checkpoint of an earlier version in today's layout: the dataset was stored as
     ``data``; ``diffusion.clip_x0`` (and ``dynamic_threshold``, which sample.py wrote into the model) are sampling
-    options now; ``dataset.strict`` and ``dataset.background`` came later, with the defaults given here."""
+    options now; ``optimizer.schedule`` is ``optimizer.lr_schedule``; ``dataset.strict`` and ``dataset.background``
+    came later, with the defaults given here."""
     hparams = copy.deepcopy(hparams)
     if "dataset" not in hparams and "data" in hparams:
         hparams["dataset"] = hparams.pop("data")
     for key in ("clip_x0", "dynamic_threshold"):
         hparams.get("diffusion", {}).pop(key, None)
+    if "schedule" in hparams.get("optimizer", {}):
+        hparams["optimizer"]["lr_schedule"] = hparams["optimizer"].pop("schedule")
     if "dataset" in hparams:
         hparams["dataset"] = {"strict": False, "background": [255, 255, 255], **hparams["dataset"]}
     return hparams

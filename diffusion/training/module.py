@@ -274,7 +274,7 @@ class DiffusionModule(LightningModule):
             fused=s["fused"] and self.device.type in ("cuda", "cpu"),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        shape = {k: s[k] for k in ("warmup_steps", "schedule", "min_lr_ratio")}
+        shape = {"warmup_steps": s["warmup_steps"], "shape": s["lr_schedule"], "min_lr_ratio": s["min_lr_ratio"]}
         lr_factor(0, total_steps=total, **shape)  # checks the settings before training starts
 
         def factor(step: int) -> float:

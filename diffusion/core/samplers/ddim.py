@@ -9,6 +9,7 @@ from torch import Tensor
 from diffusion.core.samplers.base import Randomness, SamplerStep, StepTable, noise_like, respaced, timestep_batch
 from diffusion.core.schedules import NoiseSchedule, Spacing
 from diffusion.core.targets import Denoiser
+from diffusion.errors import SettingError
 
 
 def ddim_sample(
@@ -27,7 +28,7 @@ def ddim_sample(
     evaluation per step; step coefficients in float64, the state in x_T's dtype.
     """
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"DDIM's eta must lie in [0, 1], got {eta}")
+        raise SettingError(f"DDIM's eta must lie in [0, 1], got {eta}")
     table = StepTable.of(respaced(schedule, steps, spacing))
     x = x_T
     for i in reversed(range(len(table))):
