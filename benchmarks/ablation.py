@@ -15,14 +15,15 @@ processes (on a CPU, each on its own core with one thread; on a GPU, sharing it)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import run_jobs
-from quality import LR, ROOT, at_28, classifier, fashion, npz_images, sample_command, scores
+from common import ROOT, run_jobs, sample_command, train_hparams, write_json
+from scoring import at_28, classifier, fashion, npz_images, scores
+
+LR = train_hparams("experiment=fashion")["optimizer"]["lr"]  # quality.py's, for both systems
 
 
 def job(args: argparse.Namespace, name: str, arm: list[str], shared: list[str]) -> list[list[str]]:
@@ -85,7 +86,7 @@ def main() -> None:
             flush=True,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -116,9 +116,26 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def provenance() -> dict[str, str]:
+    """What a result file needs to be reproduced: the commit (``+changes`` when the tree differs from it), the
+    full command and the machine."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    command = shlex.join(["python", str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"commit": commit, "command": command, **{f"machine_{k}": v for k, v in machine(device).items()}}
+
+
 def write_json(path: Path, data: dict) -> None:
+    """``data`` as JSON at ``path``, with the :func:`provenance` of the run under ``"provenance"``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps({"provenance": provenance(), **data}, indent=2) + "\n")
     print(f"\nwrote {path}")
 
 
@@ -153,3 +170,13 @@ def run_jobs(jobs: dict[str, list[list[str]]], slots: int, pin: bool, logs: Path
                 tail = (logs / f"{name}.log").read_text()[-3000:]
                 raise SystemExit(f"{name} failed; its output is in {logs / name}.log:\n{tail}")
             print(f"finished {name}", flush=True)
+
+
+def sample_command(ckpt: Path, out: Path, device: str, samples: int, sampler: list[str]) -> list[str]:
+    """``sample.py`` drawing ``samples`` images from seed 0 with the ``sampler`` overrides into ``out``, as the
+    benchmarks run it (batch 500 on a GPU, 100 on a CPU; the images do not depend on it)."""
+    return [
+        sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", *sampler, f"n={samples}",
+        f"batch_size={500 if device == 'cuda' else 100}", "seed=0", f"device={device}", f"out_dir={out}",
+        "overwrite=true",
+    ]  # fmt: skip

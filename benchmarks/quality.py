@@ -28,7 +28,6 @@ of both systems' first 64 samples side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -37,144 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
+from common import ROOT, launch, sample_command, train_hparams, write_json
+from scoring import at_28, classifier, fashion, npz_images, scores
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from diffusion.outputs.writers import grid_image, write_png
 
-from common import launch  # noqa: E402
-
-from diffusion.data.datasets import load_fashion  # noqa: E402
-from diffusion.outputs.evaluation import ImageMetrics  # noqa: E402
-from diffusion.outputs.writers import grid_image, write_png  # noqa: E402
-
-LR = 2e-4  # experiment=fashion's learning rate, used for both systems
-
-
-# ---------------------------------------------------------------- the data and the classifier
-
-
-def fashion(data_root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train and test images ``(N, 1, 28, 28)`` uint8 with their labels, from Debian's files."""
-    train, test = load_fashion(data_root, False)
-    return train.images, train.labels, test.images, test.labels
-
-
-class Classifier(nn.Module):
-    """A small CNN for 28x28 Fashion-MNIST; its 128-d penultimate layer gives the features of the scores.
-    ``forward`` takes uint8 ``(N, 1 or 3, 28, 28)`` and returns features, as torchmetrics' feature networks do."""
-
-    num_features = 128
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
-        )  # fmt: skip
-        self.head = nn.Linear(128, 10)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images[:, :1].float() / 127.5 - 1.0
-        return self.body(x)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images)
-
-
-def classifier(cache: Path, data: tuple, device: torch.device) -> tuple[Classifier, float]:
-    """The classifier trained once (2 epochs of Adam, seed 0) and cached; returns it with its test accuracy."""
-    path = cache / "fashion_classifier.pt"
-    net = Classifier().to(device)
-    if path.is_file():
-        saved = torch.load(path, map_location=device, weights_only=True)
-        net.load_state_dict(saved["state_dict"])
-        return net.eval(), float(saved["test_accuracy"])
-    train_x, train_y, test_x, test_y = data
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for epoch in range(2):
-        order = torch.randperm(len(train_x))
-        for start in range(0, len(order), 256):
-            index = order[start : start + 256]
-            logits = net.head(net.features(train_x[index].to(device)))
-            loss = F.cross_entropy(logits, train_y[index].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        print(f"classifier epoch {epoch + 1}: loss {loss.item():.3f}", flush=True)
-    net.eval()
-    accuracy = float((predict(net, test_x, device) == test_y).float().mean())
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "test_accuracy": accuracy}, path)
-    return net, accuracy
-
-
-@torch.inference_mode()
-def predict(net: Classifier, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.cat([net.head(net.features(b.to(device))).argmax(1).cpu() for b in images.split(500)])
-
-
-@torch.inference_mode()
-def features(net: Classifier, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.cat([net.features(b.to(device)).double().cpu() for b in images.split(500)])
-
-
-# ---------------------------------------------------------------- the scores
-
-
-def at_28(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, 1, H, W)`` images at the classifier's 28x28 (experiment=fashion trains at 32x32)."""
-    if images.shape[-1] == 28:
-        return images
-    images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True)
-    return images.round().clamp(0, 255).to(torch.uint8)
-
-
-def npz_images(path: Path) -> torch.Tensor:
-    """sample.py's samples.npz as uint8 ``(N, C, H, W)``."""
-    return torch.from_numpy(np.load(path)["arr_0"]).permute(0, 3, 1, 2)
-
-
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    """Kynkaenniemi et al. 2019: a fake sample counts toward precision when it lies inside the k-NN ball of some
-    real sample; recall swaps the roles."""
-
-    def radii(x: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # the point itself is its own nearest neighbour
-
-    def covered(points: torch.Tensor, centres: torch.Tensor, r: torch.Tensor) -> float:
-        return float((torch.cdist(points, centres) <= r[None]).any(1).float().mean())
-
-    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
-
-
-def scores(net: Classifier, images: torch.Tensor, reference: torch.Tensor, device: torch.device) -> dict:
-    """FID, KID, precision, recall and the class histogram of uint8 ``images`` against ``reference``, plus the
-    FIDs of the two halves of the images (their spread is the noise of the FID)."""
-
-    def fid_kid(fake: torch.Tensor) -> dict[str, float]:
-        metrics = ImageMetrics(net, kid_subset_size=min(1000, len(fake), len(reference))).to(device)
-        for batch in reference.split(500):
-            metrics.update(batch.to(device), real=True)
-        for batch in fake.split(500):
-            metrics.update(batch.to(device), real=False)
-        return metrics.compute()
-
-    whole = fid_kid(images)
-    halves = [fid_kid(images[: len(images) // 2])["fid"], fid_kid(images[len(images) // 2 :])["fid"]]
-    precision, recall = precision_recall(features(net, reference, device), features(net, images, device))
-    classes = torch.bincount(predict(net, images, device), minlength=10)
-    return {
-        "fid": whole["fid"],
-        "kid": whole["kid"],
-        "fid_halves": halves,
-        "precision": precision,
-        "recall": recall,
-        "class_histogram": classes.tolist(),
-    }
+LR = train_hparams("experiment=fashion")["optimizer"]["lr"]  # used for both systems
 
 
 # ---------------------------------------------------------------- the two systems
@@ -192,16 +59,6 @@ def train_ours(args: argparse.Namespace, run: Path, overrides: list[str]) -> lis
         "dataset.download=false", f"dataset.batch_size={args.batch}", f"optimizer.lr={LR}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
         *(["trainer=gpu"] if args.device == "cuda" else []), *budget, *overrides, f"hydra.run.dir={run}",
-    ]  # fmt: skip
-
-
-def sample_command(ckpt: Path, out: Path, device: str, samples: int, sampler: list[str]) -> list[str]:
-    """``sample.py`` drawing ``samples`` images from seed 0 with the ``sampler`` overrides into ``out``, as the
-    benchmarks run it (batch 500 on a GPU, 100 on a CPU; the images do not depend on it)."""
-    return [
-        sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", *sampler, f"n={samples}",
-        f"batch_size={500 if device == 'cuda' else 100}", "seed=0", f"device={device}", f"out_dir={out}",
-        "overwrite=true",
     ]  # fmt: skip
 
 
@@ -345,13 +202,13 @@ def main() -> None:
         report[name].update({k: v for k, v in result.items() if k in ("steps", "sampler")})
     report["fid_ratio_ours_over_lucidrains"] = report["ours"]["fid"] / report["lucidrains"]["fid"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     side = [grid_image(results[name]["images"][:64]) for name in ("ours", "lucidrains")]
     gap = np.full((side[0].shape[0], 16, 3), 255, dtype=np.uint8)
     write_png(np.concatenate([side[0], gap, side[1]], axis=1), args.out.with_suffix(".png"))
     if args.fast:
         report["fast_fid_ratio_ours_over_lucidrains"] = report["ours_fast"]["fid"] / report["lucidrains_fast"]["fid"]
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     for name in ("real_floor", *results):
         r = report[name]
         print(

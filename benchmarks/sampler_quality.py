@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_jobs
-from quality import ROOT, at_28, classifier, fashion, npz_images, sample_command, scores
+from common import ROOT, run_jobs, sample_command, write_json
+from scoring import at_28, classifier, fashion, npz_images, scores
 
 ARMS = {
-    # DDIM (eta 0) at 50 steps: the spacings, then clipping with the configured spacing (quadratic)
+    # DDIM (eta 0) at 50 steps: the spacings, then clipping with the quadratic spacing (the default was quadratic when
+    # these arms were first run; configs/sampler/ddim.yaml now spaces uniformly)
     "ddim50_quadratic": ["sampler=ddim", "sampler.steps=50", "sampler.spacing=quadratic"],
     "ddim50_uniform": ["sampler=ddim", "sampler.steps=50", "sampler.spacing=uniform"],
     "ddim50_trailing": ["sampler=ddim", "sampler.steps=50", "sampler.spacing=trailing"],
@@ -105,7 +106,7 @@ def main() -> None:
         )
     report["wall_seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

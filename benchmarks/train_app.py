@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import ROOT, machine, preset_unet, setup_device, table, time_call, write_json
+from peak import conv_shapes, measure_peak
+from peers import diffusers_ddpm
 from torch.utils.flop_counter import FlopCounterMode
-from train_throughput import conv_shapes, diffusers_ddpm, measure_peak
 
 from diffusion.core.schedules import NoiseSchedule, make_betas
 from diffusion.core.unet import UNet

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import ROOT, interleaved, machine, preset_unet, setup_device, table, write_json
+from peak import conv_shapes, measure_peak
+from peers import diffusers_ddpm, forward, lucidrains
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.core.images import to_model_range
@@ -30,33 +32,6 @@ from diffusion.data.loaders import ShardedBatchSampler, device_loader
 
 def ours(preset: str) -> torch.nn.Module:
     return preset_unet(preset, 32, 3)
-
-
-def diffusers_ddpm(width: int, channels: int = 3) -> torch.nn.Module:
-    """diffusers' UNet2DModel laid out like the DDPM CIFAR-10 network (google/ddpm-cifar10-32) at ``width``."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=channels,
-        out_channels=channels,
-        layers_per_block=2,
-        block_out_channels=(width, 2 * width, 2 * width, 2 * width),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        dropout=0.1,
-    )
-
-
-def lucidrains() -> torch.nn.Module:
-    from denoising_diffusion_pytorch import Unet
-
-    return Unet(dim=64, dim_mults=(1, 2, 2, 2))
-
-
-def forward(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = model(x, t)
-    return out.sample if hasattr(out, "sample") else out
 
 
 class Case:
@@ -86,52 +61,6 @@ class Case:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-
-
-def conv_shapes(models: list[torch.nn.Module], batch: int, device: torch.device, channels: int = 3) -> set[tuple]:
-    """(in, out, kernel, stride, padding, H, W) of every Conv2d the models run on 32x32 inputs."""
-    shapes: set[tuple] = set()
-
-    def record(module, inputs, output):
-        _, c, h, w = inputs[0].shape
-        shapes.add((c, module.out_channels, module.kernel_size[0], module.stride[0], module.padding[0], h, w))
-
-    for model in models:
-        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-        with torch.no_grad():
-            x = torch.randn(1, channels, 32, 32, device=device)
-            forward(model, x, torch.zeros(1, dtype=torch.long, device=device))
-        for hook in hooks:
-            hook.remove()
-    return shapes
-
-
-def measure_peak(
-    shapes: set[tuple], batch: int, device: torch.device, channels_last: bool, dtype: torch.dtype = torch.float32
-) -> dict[str, float]:
-    """GFLOP/s of the best conv2d forward at the UNet's shapes and of the best large square matmul, in ``dtype``
-    (the dtype the run computes in: bfloat16 under bf16 autocast, where a GPU's peak is many times its fp32 one)."""
-    conv_best = 0.0
-    for c_in, c_out, k, stride, pad, h, w in sorted(shapes):
-        conv = torch.nn.Conv2d(c_in, c_out, k, stride, pad).to(device, dtype)
-        x = torch.randn(batch, c_in, h, w, device=device, dtype=dtype)
-        if channels_last:
-            conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        flops = 2 * batch * c_in * c_out * k * k * ((h + 2 * pad - k) // stride + 1) * ((w + 2 * pad - k) // stride + 1)
-        with torch.no_grad():
-            seconds = interleaved({"conv": lambda conv=conv, x=x: conv(x)}, device, rounds=1, per_round=5)["conv"]
-        conv_best = max(conv_best, flops / seconds / 1e9)
-    matmul_best = 0.0
-    for n in (1024, 2048) if device.type == "cpu" else (4096, 8192):
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        seconds = interleaved({"mm": lambda a=a, b=b: a @ b}, device, rounds=1, per_round=5)["mm"]
-        matmul_best = max(matmul_best, 2 * n**3 / seconds / 1e9)
-    return {
-        "dtype": str(dtype).removeprefix("torch."),
-        "conv2d_gflops": conv_best,
-        "matmul_gflops": matmul_best,
-        "peak_gflops": max(conv_best, matmul_best),
-    }
 
 
 def data_pipeline_overhead(case: Case, device: torch.device, rounds: int, per_round: int) -> dict[str, float]:

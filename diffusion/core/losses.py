@@ -82,15 +82,17 @@ def vlb_terms_bpd(
     variance: Variance,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yields ``(t, L_t)`` for t = T-1 down to 0, each ``(B,)`` in bits per dimension: one network evaluation per
-    term at a fresh x_t ~ q(x_t | x_0) (improved-diffusion's ``calc_bpd_loop``). Their sum plus
-    :func:`prior_bpd` is the negative variational bound on log p(x_0), the NLL in bits/dim that papers report."""
+    """Yields ``(row, L_row)`` for every row of ``schedule`` from the last to 0, each ``(B,)`` in bits per
+    dimension: one network evaluation per term at a fresh x_t ~ q(x_t | x_0) (improved-diffusion's
+    ``calc_bpd_loop``). ``schedule`` may be respaced: the denoiser sees the network timestep of each row. Their sum
+    plus :func:`prior_bpd` is the negative variational bound on log p(x_0), the NLL in bits/dim that papers report."""
     for step in reversed(range(len(schedule))):
-        t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+        row = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = schedule.q_sample(x0, t, noise)
-        mean, log_variance = p_mean_variance(schedule, denoise(x_t, schedule.network_timesteps[t]), x_t, t, variance)
-        yield step, vb_terms_bpd(schedule, x0, x_t, t, mean, log_variance)
+        x_t = schedule.q_sample(x0, row, noise)
+        prediction = denoise(x_t, schedule.network_timesteps[row])
+        mean, log_variance = p_mean_variance(schedule, prediction, x_t, row, variance)
+        yield step, vb_terms_bpd(schedule, x0, x_t, row, mean, log_variance)
 
 
 def min_snr_weight(schedule: NoiseSchedule, target: Target, t: Tensor, gamma: float) -> Tensor:

@@ -10,6 +10,12 @@ Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"), with the 
 ``t`` is an integer in ``[0, T-1]``; code step ``t`` is the paper's step ``t + 1``. Every table is computed once in
 float64 and cast to the dtype of the tensor it multiplies at the point of use, so float32 (or bf16) training does
 not accumulate rounding error in products such as ``alpha_bar``.
+
+Rows and timesteps. Every table is indexed by its rows. On the schedule a network is trained on, row t is the
+network timestep t, so the math that takes a schedule calls its index ``t`` (targets, reverse process, losses). A
+sampler walks a respaced schedule (:meth:`NoiseSchedule.respace`) with rows ``0 .. steps-1``, whose
+``network_timesteps[row]`` is the timestep the network sees. Code that holds both calls the respaced schedule
+``walked`` and its index ``row``, and keeps ``t`` for the network timestep.
 """
 
 from __future__ import annotations

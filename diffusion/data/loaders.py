@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Sampler as TorchSampler  # not diffusion.core.samplers.Sampler, a sampling algorithm
 
 from diffusion.errors import SettingError
 
 
-class ShardedBatchSampler(Sampler[list[int]]):
+class ShardedBatchSampler(TorchSampler[list[int]]):
     """Batches of this rank's share of a per-epoch permutation of ``range(n)``.
 
     The permutation and the split across ranks are ``DistributedSampler``'s (seeded by seed + epoch; it pads the

@@ -28,14 +28,14 @@ def ddpm_sample(
     ``variance`` picks sigma_t^2 (see :func:`diffusion.core.reverse.p_mean_variance`); ``None`` takes the model's
     learned variance when it has one and beta otherwise. One network evaluation per step; computes in x_T's dtype.
     """
-    schedule = respaced(schedule, steps, spacing)
-    timesteps = schedule.network_timesteps.tolist()
+    walked = respaced(schedule, steps, spacing)  # rows 0..steps-1; network_timesteps[row] is the network's t
+    timesteps = walked.network_timesteps.tolist()
     x = x_T
-    for i in reversed(range(len(schedule))):
-        row = timestep_batch(i, x)
-        prediction = denoise(x, timestep_batch(timesteps[i], x))
+    for row in reversed(range(len(walked))):
+        t = timesteps[row]
+        prediction = denoise(x, timestep_batch(t, x))
         chosen = variance or ("learned" if prediction.var_frac is not None else "beta")
-        mean, log_variance = p_mean_variance(schedule, prediction, x, row, chosen)
+        mean, log_variance = p_mean_variance(walked, prediction, x, timestep_batch(row, x), chosen)
         # line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step
-        x = mean + torch.exp(0.5 * log_variance) * noise_like(x, generator) if i > 0 else mean
-        yield SamplerStep(timesteps[i], x, prediction.x0)
+        x = mean + torch.exp(0.5 * log_variance) * noise_like(x, generator) if row > 0 else mean
+        yield SamplerStep(t, x, prediction.x0)

@@ -63,8 +63,8 @@ def sde_sample(
     (the paper's "denoising" step).
     Network evaluations: steps x (1 + corrector_steps).
     """
-    schedule = respaced(schedule, steps, spacing)
-    table, alphas = StepTable.of(schedule), schedule.alphas.tolist()
+    walked = respaced(schedule, steps, spacing)
+    table, alphas = StepTable.of(walked), walked.alphas.tolist()
     x = x_T
     for i in reversed(range(len(table))):
         if corrector_steps:
