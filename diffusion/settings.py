@@ -11,15 +11,18 @@ work starts; each problem is one :class:`~diffusion.errors.SettingError` that na
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
 
 from omegaconf import MISSING
 
+from diffusion.core.denoiser import check_dynamic_threshold
 from diffusion.core.losses import LossType
 from diffusion.core.lr_schedule import LRShape
 from diffusion.core.reverse import Variance
+from diffusion.core.samplers.ddim import check_eta
 from diffusion.core.schedules import ScheduleName, Spacing, make_betas
 from diffusion.core.targets import Target
 from diffusion.core.unet import UNet
@@ -187,13 +190,22 @@ def _whole_numbers(settings: dict, key: str, minimum: int, fix: str, *, length: 
         _fail(key, value, f"is not a list of {size} whole numbers of at least {minimum}", fix)
 
 
+def _by_the_core(key: str, value: Any, check: Callable[[Any], None]) -> None:
+    """A setting checked by the core's own check of the argument it becomes (the one definition of its range),
+    reported under the user's key."""
+    try:
+        check(value)
+    except SettingError as error:
+        raise SettingError(f"{key}={value!r}: {error}") from None
+
+
 def check_sampler(settings: dict, key: str = "sampler") -> None:
     sampler = _get(settings, key)
     _integer(settings, f"{key}.steps", 1, f"give the sampler's number of steps, e.g. {key}.steps=50")
     if "spacing" in sampler:
         _choice(settings, f"{key}.spacing", get_args(Spacing))
     if "eta" in sampler:
-        _number(settings, f"{key}.eta", 0, 1, "0 is deterministic DDIM, 1 ancestral")
+        _by_the_core(f"{key}.eta", sampler["eta"], check_eta)
     if "variance" in sampler and sampler["variance"] is not None:
         _choice(settings, f"{key}.variance", get_args(Variance))
     if "corrector_steps" in sampler:
@@ -267,7 +279,6 @@ def check_optimizer(settings: dict) -> None:
 def check_dataset(settings: dict) -> None:
     _integer(settings, "dataset.batch_size", 1, "give the images per batch and device, e.g. dataset.batch_size=64")
     _integer(settings, "dataset.image_size", 4, "give the image side in pixels, e.g. dataset.image_size=32")
-    _choice(settings, "dataset.channels", (1, 3))
     _number(settings, "dataset.val_fraction", 0, 1, "the share held out for val/loss, e.g. 0.05", open_high=True)
     _integer(settings, "dataset.num_workers", 0, "0 loads in the training process")
     _integer(settings, "dataset.num_classes", 1, "null for a dataset without classes", allowed=(None,))
@@ -368,9 +379,7 @@ def check_sample(settings: dict) -> None:
     _integer(settings, "gif_frames", 2, "give the frames of process.gif, e.g. gif_frames=60")
     if not settings["guidance"] >= 0:
         _fail("guidance", settings["guidance"], "is negative", "1 is no guidance, 0 the unconditional model, e.g. 3.0")
-    threshold = settings["dynamic_threshold"]
-    if threshold is not None and not 0 < threshold <= 1:
-        _fail("dynamic_threshold", threshold, "is not a percentile in (0, 1]", "Imagen's is 0.995; null for none")
+    _by_the_core("dynamic_threshold", settings["dynamic_threshold"], check_dynamic_threshold)
     if str(settings["precision"]) not in ("32", "bf16", "16"):
         _fail("precision", settings["precision"], "is not one of 32, bf16, 16", "e.g. precision=bf16 on a GPU")
     device = str(settings["device"])

@@ -64,7 +64,7 @@ CATALOGUE = [
     ("train.py", ["model.channel_mult=[1,0]"], ["error: model.channel_mult=[1, 0]"]),
     ("train.py", ["model.attention_resolutions=[5]"], ["error: model.attention_resolutions [5] are not feature-map"]),
     ("train.py", ["model.dropout=1.5"], ["error: model.dropout=1.5", "[0, 1)"]),
-    ("train.py", ["dataset.channels=2"], ["error: dataset.channels=2", "1, 3"]),
+    ("train.py", ["dataset.channels=2"], ["error: dataset.channels=2", "1 (grayscale) or 3 (RGB)"]),
     ("train.py", ["dataset.background=[1,2]"], ["error: dataset.background=[1, 2]", "RGB"]),
     ("train.py", ["callbacks.previews.steps=5000"], ["error: callbacks.previews.steps=5000", "diffusion.timesteps"]),
     ("train.py", ["callbacks.ema.half_life_images=-5"], ["error: callbacks.ema.half_life_images=-5"]),

@@ -32,6 +32,14 @@ class SamplingOptions:
     dynamic_threshold: float | None = None
 
 
+def check_dynamic_threshold(percentile: float | None) -> None:
+    """The percentile of dynamic thresholding, in (0, 1], or ``None`` for none (the one check of this setting)."""
+    if percentile is None:
+        return
+    if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0.0 < percentile <= 1.0:
+        raise SettingError(f"dynamic_threshold is a percentile in (0, 1], e.g. Imagen's 0.995; got {percentile!r}")
+
+
 def network_denoiser(
     net: Network,
     schedule: NoiseSchedule,
@@ -62,8 +70,7 @@ def network_denoiser(
 
     The function returned has ``rows_per_image``: images through the network per image denoised (2 with guidance).
     """
-    if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
-        raise SettingError(f"dynamic_threshold is a percentile in (0, 1], e.g. 0.995; got {dynamic_threshold}")
+    check_dynamic_threshold(dynamic_threshold)
     if guidance != 1.0 and labels is None:
         raise ValueError("classifier-free guidance needs class labels: pass labels, or set guidance to 1")
     if guidance != 1.0 and null_label is None:

@@ -256,7 +256,7 @@ class UNet(nn.Module):
         num_heads: int,
     ) -> None:
         if in_channels not in (1, 3):
-            raise SettingError(f"the UNet takes 1 (grayscale) or 3 (RGB) image channels, got in_channels={in_channels}")
+            raise SettingError(f"dataset.channels={in_channels}: the UNet takes 1 (grayscale) or 3 (RGB) channels")
         if not channel_mult:
             raise SettingError("channel_mult needs at least one level")
         factor = 2 ** (len(channel_mult) - 1)

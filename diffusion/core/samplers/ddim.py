@@ -12,6 +12,12 @@ from diffusion.core.targets import Denoiser
 from diffusion.errors import SettingError
 
 
+def check_eta(eta: float) -> None:
+    """DDIM's eta: 0 is deterministic, 1 ancestral (the one check of this setting, which settings.py runs too)."""
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta <= 1.0:
+        raise SettingError(f"DDIM's eta must lie in [0, 1] (0 is deterministic DDIM, 1 ancestral), got {eta!r}")
+
+
 def ddim_sample(
     denoise: Denoiser,
     schedule: NoiseSchedule,
@@ -27,8 +33,7 @@ def ddim_sample(
     eta = 0 is the deterministic DDIM, eta = 1 is ancestral DDPM with sigma_t^2 = beta-tilde. One network
     evaluation per step; step coefficients in float64, the state in x_T's dtype.
     """
-    if not 0.0 <= eta <= 1.0:
-        raise SettingError(f"DDIM's eta must lie in [0, 1], got {eta}")
+    check_eta(eta)
     table = StepTable.of(respaced(schedule, steps, spacing))
     x = x_T
     for i in reversed(range(len(table))):
