@@ -61,6 +61,7 @@ class ModelSettings:
     num_classes: int | None = MISSING
     compile: bool = MISSING
     channels_last: bool = MISSING
+    checkpointing: bool = MISSING
 
 
 @dataclass

@@ -66,6 +66,14 @@ def test_a_resume_that_changes_only_how_samples_are_drawn_is_accepted(tmp_path, 
     assert (resumed / "samples" / "step_0000006.png").is_file()  # drawn by DDIM without clipping
 
 
+def test_activation_checkpointing_is_a_switch_a_resume_may_change(tmp_path, trained):
+    """model.checkpointing changes the memory and time of a step, not what is computed: a run with it trains, and a
+    checkpoint without it resumes with it."""
+    run_train(tmp_path / "resumed", "model.checkpointing=true", "trainer.max_steps=6", f"ckpt_path={trained}")
+    state = load_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 6 and state["hyper_parameters"]["model"]["checkpointing"] is True
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from diffusion.core.losses import training_losses
 from diffusion.core.schedules import NoiseSchedule, make_betas
-from diffusion.core.unet import UNet, timestep_embedding
+from diffusion.core.unet import Downsample, ResBlock, UNet, timestep_embedding
 
 
 def preset(name, **overrides):
@@ -25,6 +25,49 @@ def n_params(module):
 
 def test_ddpm_cifar_preset_is_the_papers_35_7M_network():
     assert n_params(preset("ddpm_cifar")) == pytest.approx(35.7e6, rel=0.01)
+
+
+def test_ddpm_256_preset_is_the_papers_114M_network():
+    """Ho et al. 2020's 256x256 model (LSUN, CelebA-HQ): 114M parameters; its six levels reach 8x8 at 256."""
+    with torch.device("meta"):  # the count needs no memory
+        net = preset("ddpm_256", image_size=256)
+    assert n_params(net) == pytest.approx(114e6, rel=0.01)
+
+
+def test_ddpm_128_preset_has_guided_diffusions_levels_for_128():
+    with torch.device("meta"):
+        net = preset("ddpm_128", image_size=128)
+    assert len([m for m in net.modules() if isinstance(m, Downsample)]) == 4  # five levels: 128 down to 8
+    assert 80e6 < n_params(net) < 90e6
+
+
+def test_activation_checkpointing_recomputes_the_blocks_and_gives_the_same_gradients(monkeypatch):
+    """With dropout, so the recomputation must draw the same mask: loss and every gradient equal; each ResBlock
+    runs twice per step (forward, then again in the backward pass) instead of once."""
+    calls = []
+    forward = ResBlock.forward
+
+    def counted(self, *args):
+        calls.append(1)
+        return forward(self, *args)
+
+    monkeypatch.setattr(ResBlock, "forward", counted)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        net = preset("tiny", image_size=16, in_channels=1, dropout=0.3, checkpointing=checkpointing)
+        calls.clear()
+        torch.manual_seed(1)
+        loss = net(x, t).square().mean()
+        loss.backward()
+        blocks = len([m for m in net.modules() if isinstance(m, ResBlock)])
+        assert len(calls) == blocks * (2 if checkpointing else 1)
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_tiny_preset_is_about_one_to_two_million_parameters():

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffusion.errors import SettingError
 
@@ -153,11 +154,20 @@ class Upsample(nn.Module):
 
 
 class Stage(nn.ModuleList):
-    """Layers applied in order; ResBlocks also receive the embedding."""
+    """Layers applied in order; ResBlocks also receive the embedding. With ``checkpointing`` (set by the UNet), a
+    ResBlock's activations are not kept for the backward pass but recomputed in it (``torch.utils.checkpoint``,
+    non-reentrant, with the random-number state restored so that dropout draws the same mask)."""
+
+    checkpointing = False
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if not isinstance(layer, ResBlock):
+                x = layer(x)
+            elif self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, emb, use_reentrant=False)
+            else:
+                x = layer(x, emb)
         return x
 
 
@@ -183,6 +193,8 @@ class UNet(nn.Module):
             ``None`` for an unconditional one.
         learned_variance: output 2 x in_channels channels (the target, then the variance interpolation).
         scale_shift: condition each block by scale and shift of its norm instead of by addition.
+        checkpointing: recompute each ResBlock's activations in the backward pass instead of keeping them
+            (activation checkpointing): less memory per image for more time per step; the same gradients.
     """
 
     def __init__(
@@ -199,6 +211,7 @@ class UNet(nn.Module):
         num_classes: int | None,
         learned_variance: bool,
         scale_shift: bool,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         channel_mult = list(channel_mult)
@@ -245,6 +258,9 @@ class UNet(nn.Module):
                 self.up.append(layers)
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+        for module in self.modules():
+            if isinstance(module, Stage):
+                module.checkpointing = checkpointing
 
     @staticmethod
     def check_arguments(

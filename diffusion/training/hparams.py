@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 GROUPS = ("model", "diffusion", "optimizer", "dataset")  # the checkpoint's keys, each the user's config group
-SPEED_SWITCHES = ("compile", "channels_last")  # model settings that change how fast, not what is computed
+SPEED_SWITCHES = ("compile", "channels_last", "checkpointing")  # how fast and in how much memory, not what
 IMAGE_FORMAT = ("image_size", "channels")  # the dataset settings that shape the network
 
 
@@ -79,8 +79,8 @@ def from_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def upgrade(hparams: dict[str, Any]) -> dict[str, Any]:
     """The hyperparameters of a checkpoint of an earlier version in today's layout: the dataset was stored as
     ``data``; ``diffusion.clip_x0`` (and ``dynamic_threshold``, which sample.py wrote into the model) are sampling
-    options now; ``optimizer.schedule`` is ``optimizer.lr_schedule``; ``dataset.strict`` and ``dataset.background``
-    came later, with the defaults given here."""
+    options now; ``optimizer.schedule`` is ``optimizer.lr_schedule``; ``dataset.strict``, ``dataset.background``
+    and ``model.checkpointing`` came later, with the defaults given here."""
     hparams = copy.deepcopy(hparams)
     if "dataset" not in hparams and "data" in hparams:
         hparams["dataset"] = hparams.pop("data")
@@ -90,6 +90,8 @@ def upgrade(hparams: dict[str, Any]) -> dict[str, Any]:
         hparams["optimizer"]["lr_schedule"] = hparams["optimizer"].pop("schedule")
     if "dataset" in hparams:
         hparams["dataset"] = {"strict": False, "background": [255, 255, 255], **hparams["dataset"]}
+    if "model" in hparams:
+        hparams["model"].setdefault("checkpointing", False)
     return hparams
 
 

@@ -68,7 +68,8 @@ class DiffusionModule(LightningModule):
     :attr:`spec`; how samples are drawn is passed to :meth:`denoiser` and never stored here.
 
     Args:
-        model: the UNet's settings (``configs/model``), plus the speed switches ``compile`` and ``channels_last``.
+        model: the UNet's settings (``configs/model``), plus the speed switches ``compile``, ``channels_last`` and
+            ``checkpointing`` (activation checkpointing: less memory, more time).
         diffusion: the training objective (``configs/diffusion``): timesteps, schedule, target, loss, min_snr_gamma,
             learned_variance, vlb_weight, label_dropout.
         optimizer: AdamW and learning-rate schedule settings (``configs/optimizer``).
@@ -82,7 +83,11 @@ class DiffusionModule(LightningModule):
         self.spec = ModelSpec.from_hparams(self.hparams)
         self.objective = self.spec.objective
         self.compile_network, self.channels_last = model["compile"], model["channels_last"]
-        self.unet = UNet(learned_variance=self.objective.learned_variance, **asdict(self.spec.network))
+        self.unet = UNet(
+            learned_variance=self.objective.learned_variance,
+            checkpointing=model.get("checkpointing", False),
+            **asdict(self.spec.network),
+        )
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.schedule = NoiseSchedule(make_betas(self.objective.schedule, self.objective.timesteps))
