@@ -22,17 +22,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
 from diffusion.data.datamodule import DiffusionDataModule
 from diffusion.errors import RunError, SettingError, UserError, report_errors
-from diffusion.settings import TrainSettings, check_train, config_options
+from diffusion.settings import TrainSettings, check_train, config_options, unet_levels
 from diffusion.training import hparams as layout
 from diffusion.training.checkpoint_reading import check_resumable, find_last_checkpoint, load_checkpoint
 from diffusion.training.module import DiffusionModule
 
 ConfigStore.instance().store(name="train_schema", node=TrainSettings)
 OmegaConf.register_new_resolver("options", config_options, replace=True)  # for --help
+OmegaConf.register_new_resolver("unet_levels", unet_levels, replace=True)  # experiment=folder
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, dict[str, Any]]:
@@ -56,13 +58,22 @@ def checkpoint_to_resume(cfg: DictConfig, hparams: dict[str, Any]) -> str | None
 
 def check_settings(cfg: DictConfig) -> None:
     """Stops with a message on a setting that has no value (``???``) or lies out of its range."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        settings = OmegaConf.to_container(cfg, resolve=True) if not missing else {}
+    except OmegaConfBaseException as error:  # a resolver's own check (unet_levels): said as the project says it
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, UserError):  # OmegaConf wraps it more than once
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
     if missing:
         raise RunError(
             f"{', '.join(missing)} must be given (it has no default): add it to the command line, e.g. "
             f"python train.py dataset=folder dataset.root=/path/to/images"
         )
-    check_train(OmegaConf.to_container(cfg, resolve=True), torch.cuda.is_available())
+    check_train(settings, torch.cuda.is_available())
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -133,6 +133,24 @@ class SampleSettings:
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# The UNet's levels for an image size, as the reference implementations lay them out: Ho et al. 2020's CIFAR-10
+# network at 32 (four levels, down to 4x4), and openai/guided-diffusion's script_util.create_model at 64, 128 and
+# 256 (four, five and six levels, down to 8x8). Used by experiment=folder as ${unet_levels:${dataset.image_size}}.
+UNET_LEVELS = {32: [1, 2, 2, 2], 64: [1, 2, 3, 4], 128: [1, 1, 2, 3, 4], 256: [1, 1, 2, 2, 4, 4]}
+
+
+def unet_levels(image_size: int) -> list[int]:
+    """``model.channel_mult`` for ``image_size`` (:data:`UNET_LEVELS`); another size gets a message."""
+    if image_size not in UNET_LEVELS:
+        raise SettingError(
+            f"dataset.image_size={image_size} has no preset layout (model.channel_mult follows the image size for "
+            f"{', '.join(map(str, UNET_LEVELS))}); choose one of those sizes, or give the levels yourself, e.g. "
+            f"model.channel_mult=[1,2,2,2] for a size divisible by 8"
+        )
+    return list(UNET_LEVELS[image_size])
+
+
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # where this project trains (Lightning names)
 
 

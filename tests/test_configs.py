@@ -80,6 +80,27 @@ def test_experiment_options(option, tmp_path):
     assert module.unet.image_size == datamodule.image_size
 
 
+@pytest.mark.parametrize(
+    ("size", "levels"),
+    [(32, [1, 2, 2, 2]), (64, [1, 2, 3, 4]), (128, [1, 1, 2, 3, 4]), (256, [1, 1, 2, 2, 4, 4])],
+)
+def test_the_folder_preset_lays_the_unet_out_for_the_image_size(tmp_path, size, levels):
+    """experiment=folder at each size with no other override: the reference implementations' levels (four at 32,
+    five at 128, six at 256), attention at 16x16 and 8x8 inside the network, the smallest feature map 4 or 8."""
+    from diffusion.core.unet import Attention, UNet
+    from diffusion.training.hparams import ModelSpec
+
+    overrides = ["experiment=folder", f"dataset.root={tmp_path}", f"dataset.image_size={size}"]
+    hparams = hyperparameters(compose_config("train", overrides, tmp_path))
+    assert hparams["model"]["channel_mult"] == levels
+    spec = ModelSpec.from_hparams(hparams)
+    with torch.device("meta"):  # the whole network, laid out without memory
+        unet = UNet(learned_variance=spec.objective.learned_variance, **vars(spec.network))
+    assert spec.network.image_size == size and size // 2 ** (len(levels) - 1) == (4 if size == 32 else 8)
+    attention_blocks = sum(isinstance(m, Attention) for m in unet.modules())
+    assert attention_blocks > 1  # the middle block's, and those at 16x16 and 8x8
+
+
 def test_the_paper_preset_is_the_paper_setup(tmp_path):
     cfg = compose_config("train", ["experiment=ddpm_cifar10"], tmp_path)
     module, datamodule = build(cfg)

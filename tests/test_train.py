@@ -96,6 +96,24 @@ def test_folder_of_mixed_images_with_class_labels(tmp_path):
     assert (run / "samples" / "step_0000004.png").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [128, 256])
+def test_the_folder_preset_trains_and_previews_at_128_and_256(tmp_path, size):
+    """experiment=folder at its layout for the size (five and six levels), narrowed to 8 base channels so that a
+    CPU step at batch 1 takes seconds, for 2 steps with its preview and checkpoint."""
+    write_image_folder(tmp_path / "images", {"all": 3})
+    run = tmp_path / "run"
+    run_train(
+        run, "experiment=folder", f"dataset.root={tmp_path / 'images'}", f"dataset.image_size={size}",
+        "dataset.batch_size=1", "model.base_channels=8", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+        "callbacks.previews.num_images=1", "callbacks.previews.gif_images=1", "callbacks.previews.steps=2",
+    )  # fmt: skip
+    state = load_state(run / "checkpoints" / "last.ckpt")
+    levels = len(state["hyper_parameters"]["model"]["channel_mult"])
+    assert state["global_step"] == 2 and levels == {128: 5, 256: 6}[size]
+    assert (run / "samples" / "step_0000002.png").is_file()
+
+
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist(tmp_path):
     run = tmp_path / "run"
