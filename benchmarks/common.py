@@ -65,15 +65,18 @@ def train_hparams(*overrides: str) -> dict:
     return hyperparameters(cfg)
 
 
-def preset_unet(preset: str, image_size: int, channels: int) -> torch.nn.Module:
-    """The UNet of ``model=PRESET`` for images of that size and channel count, unconditional, fixed variance."""
+def preset_unet(preset: str, image_size: int, channels: int, checkpointing: bool = False) -> torch.nn.Module:
+    """The UNet of ``model=PRESET`` for images of that size and channel count, unconditional, fixed variance
+    (``preset`` ``folder``: ``experiment=folder``'s, with its levels for the size), with ``model.checkpointing``."""
     from diffusion.core.unet import UNet
     from diffusion.training.hparams import ModelSpec
 
+    chosen = ["experiment=folder", "dataset.root=unused"] if preset == "folder" else [f"model={preset}"]
     hparams = train_hparams(
-        f"model={preset}", f"dataset.image_size={image_size}", f"dataset.channels={channels}", "model.num_classes=null"
+        *chosen, f"dataset.image_size={image_size}", f"dataset.channels={channels}", "model.num_classes=null"
     )
-    return UNet(learned_variance=False, **vars(ModelSpec.from_hparams(hparams).network))
+    network = ModelSpec.from_hparams(hparams).network
+    return UNet(learned_variance=False, checkpointing=checkpointing, **vars(network))
 
 
 def synchronize(device: torch.device) -> None:

@@ -35,6 +35,11 @@ CATALOGUE = [
     ("train.py", ["dataset=folder"], ["error: dataset.root must be given", "dataset.root=/path/to/images"]),
     ("train.py", ["trainer=gpu", "trainer.accelerator=gpu"], ["error: trainer.accelerator='gpu'", "trainer=cpu"]),
     ("train.py", ["dataset=folder", "dataset.root=RUN/broken", "dataset.strict=true"], ["dataset.strict=false"]),
+    (
+        "train.py",
+        ["dataset=streaming", "dataset.root=RUN/broken"],
+        ["error: dataset=streaming reads a folder written by", "python -m diffusion.data.prepare"],
+    ),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=abc"], ["error: sampler.steps='abc'"]),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=0"], ["error: sampler.steps=0"]),
     ("sample.py", ["ckpt=CKPT", "batch_size=0"], ["error: batch_size=0"]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +233,50 @@ def test_truncated_files_are_found_before_training_and_skipped_or_refused(tmp_pa
     assert sorted(p.name for p in kept) == sorted(f"ok{i}.{e}" for i in range(3) for e in ("png", "jpg"))
     with pytest.raises(RunError, match=r"2 image file\(s\) cannot be decoded: .*dataset.strict=false"):
         check_readable(files, strict=True)
+
+
+def _check_share(rank: int, world: int, files: list[Path], out: Path, port: int) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept = check_readable(files, strict=False, num_workers=2, rank=rank, world_size=world)
+        (out / f"{rank}.txt").write_text("\n".join(map(str, kept)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def folder_with_bad_files(folder: Path, good: int, cut: list[int]) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(good):
+        pixels = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    for i in cut:  # truncated in place: a file of the first process's share and one of the second's
+        path = folder / f"{i:03d}.png"
+        path.write_bytes(path.read_bytes()[:300])
+    files, _, _ = scan_image_folder(folder, labels_from_subfolders=False)
+    return files
+
+
+def test_the_decode_check_shared_by_workers_and_processes_finds_what_one_process_finds(tmp_path):
+    """Two processes, each with two loader workers, check their halves, exchange what they found and return the
+    same list: the one a single process without workers returns, without the truncated files of either half."""
+    files = folder_with_bad_files(tmp_path / "images", 600, cut=[10, 301])
+    with pytest.warns(UserWarning, match=r"skipping 2 image file\(s\)"):
+        alone = check_readable(files, strict=False)
+    assert len(alone) == 598 and files[10] not in alone and files[301] not in alone
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_check_share, args=(2, files, tmp_path, port), nprocs=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"{rank}.txt").read_text().split("\n") == [str(p) for p in alone]
+
+
+def test_a_folder_that_changes_during_the_check_stops_the_run_with_one_message(tmp_path):
+    files = folder_with_bad_files(tmp_path / "images", 6, cut=[])
+    files[2].unlink()  # removed after the scan, before the check read it: a copy or sync still under way
+    with pytest.raises(RunError, match=r"changed while it was being checked: 1 file\(s\) found .* start the run again"):
+        check_readable(files, strict=False, root=tmp_path / "images")

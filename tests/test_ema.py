@@ -72,16 +72,20 @@ class Scalar(LightningModule):
         self.w = torch.nn.Parameter(torch.zeros(()))
 
 
-def fake_trainer(step: int):
+def fake_trainer(step: int, world_size: int = 1, accumulate: int = 1):
     return SimpleNamespace(
-        global_step=step, world_size=1, accumulate_grad_batches=1, strategy=SimpleNamespace(root_device="cpu")
+        global_step=step,
+        world_size=world_size,
+        accumulate_grad_batches=accumulate,
+        strategy=SimpleNamespace(root_device="cpu"),
     )
 
 
-@pytest.mark.parametrize("rampup", [0.05, None])
-def test_the_callback_averages_a_known_trajectory_with_those_decays(rampup):
+@pytest.mark.parametrize(("rampup", "world", "accumulate"), [(0.05, 1, 1), (None, 1, 1), (0.05, 2, 3)])
+def test_the_callback_averages_a_known_trajectory_with_those_decays(rampup, world, accumulate):
     """Raw weights w_k = sin(k) after step k; the average must be the recursion with the decay sequence, and
-    the first step's weight in it the product of the decays."""
+    the first step's weight in it the product of the decays. An optimizer step's images are the global batch:
+    per-device batch x processes x accumulated batches (``trainer.accumulate_grad_batches``)."""
     module, batch, steps, half_life = Scalar(), 16, 60, 200.0
     ema = EMA(half_life_images=half_life, rampup_ratio=rampup)
     ema.setup(fake_trainer(0), module, "fit")
@@ -89,11 +93,12 @@ def test_the_callback_averages_a_known_trajectory_with_those_decays(rampup):
     for k in range(1, steps + 1):
         with torch.no_grad():
             module.w.fill_(math.sin(k))
-        ema.on_train_batch_end(fake_trainer(k), module, None, (torch.zeros(batch, 1),), k - 1)
-        beta = ema_decay((k - 1) * batch, batch, half_life, rampup)
+        ema.on_train_batch_end(fake_trainer(k, world, accumulate), module, None, (torch.zeros(batch, 1),), k - 1)
+        images = batch * world * accumulate
+        beta = ema_decay((k - 1) * images, images, half_life, rampup)
         expected = math.sin(k) if expected is None else beta * expected + (1 - beta) * math.sin(k)
     assert ema.averaged_module.w.item() == pytest.approx(expected, abs=1e-6)
-    first_share = math.prod(decays(steps, batch, half_life, rampup))
+    first_share = math.prod(decays(steps, batch * world * accumulate, half_life, rampup))
     if rampup is None:
         assert first_share > 0.03  # no warm-up: the start lingers (0.5 ** (59 * 16 / 200))
     else:

@@ -121,10 +121,13 @@ def test_real_fashion_mnist(tmp_path):
     assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").stat().st_size == 47040016
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("loader", [[], ["dataset.on_device=false", "dataset.hflip=true"]], ids=["device", "workers"])
+def test_resume_continues_exactly(tmp_path, loader):
     """4 steps, stop, resume to 8 == 8 steps straight: model, EMA, optimizer, LR, RNG and data position resume.
-    Batch 48 puts the stop in the middle of an epoch (35 batches of the 1,707 training digits)."""
+    Batch 48 puts the stop in the middle of an epoch (35 batches of the 1,707 training digits). Through a DataLoader
+    too, with random flips: its iterator, made after the RNG state was restored, drew from the global generator."""
     common = ["dataset.batch_size=48", "callbacks.model_checkpoint.every_n_train_steps=4", "~callbacks.previews"]
+    common += loader
     straight = tmp_path / "straight"
     run_train(straight, *common, "trainer.max_steps=8")
     stopped = tmp_path / "stopped"
@@ -143,7 +146,9 @@ def test_help_lists_the_groups_each_script_takes():
     result = run_script("train.py", "--help")
     for group in ("dataset", "model", "diffusion", "sampler", "trainer", "callbacks", "logger", "experiment"):
         assert f"  {group}:" in result.stdout
-    assert "dataset: cifar, digits, fashion, folder, mnist" in result.stdout and "  eval:" not in result.stdout
+    assert (
+        "dataset: cifar, digits, fashion, folder, mnist, streaming" in result.stdout and "  eval:" not in result.stdout
+    )
     result = run_script("sample.py", "--help")
     assert "  sampler: ddim, ddpm, dpm_solver, ode, sde" in result.stdout and "  eval: fid, nll" in result.stdout
     assert "  dataset:" not in result.stdout and "  diffusion:" not in result.stdout

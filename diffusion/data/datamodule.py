@@ -11,9 +11,10 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from diffusion.core.images import to_model_range
+from diffusion.data import streaming
 from diffusion.data.datasets import (
     ImageFolder,
     ImageTensors,
@@ -25,10 +26,17 @@ from diffusion.data.datasets import (
     load_mnist,
     scan_image_folder,
 )
-from diffusion.data.loaders import ResumableLoader, ShardedBatchSampler, device_loader, worker_loader
+from diffusion.data.loaders import (
+    ResumableLoader,
+    ShardedBatchSampler,
+    device_loader,
+    own_generator,
+    worker_loader,
+)
 from diffusion.errors import RunError
 
-DatasetName = Literal["digits", "mnist", "fashion", "cifar", "folder"]
+DatasetName = Literal["digits", "mnist", "fashion", "cifar", "folder", "streaming"]
+LOCAL = ("folder", "streaming")  # the datasets that are not named ones
 NAMED = {"digits": load_digits, "mnist": load_mnist, "fashion": load_fashion, "cifar": load_cifar10}
 
 
@@ -75,13 +83,13 @@ class DiffusionDataModule(LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        if name not in (*NAMED, "folder"):
-            raise RunError(f"unknown dataset {name!r}; choose one of {', '.join([*NAMED, 'folder'])}")
+        if name not in (*NAMED, *LOCAL):
+            raise RunError(f"unknown dataset {name!r}; choose one of {', '.join([*NAMED, *LOCAL])}")
         if channels not in (1, 3):
             raise RunError(f"dataset.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if not 0.0 < val_fraction < 1.0:
             raise RunError(f"dataset.val_fraction must lie strictly between 0 and 1, got {val_fraction}")
-        self.name, self.root = name, Path(root)
+        self.name, self.root, self.url = name, Path(root), str(root)  # Path() would turn s3:// into s3:/
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.labels_from_subfolders = labels_from_subfolders
         self.batch_size, self.val_fraction, self.hflip = batch_size, val_fraction, hflip
@@ -92,7 +100,7 @@ class DiffusionDataModule(LightningDataModule):
         self.loader_options = dict(
             num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers
         )
-        self.splits: dict[str, ImageTensors | ImageFolder] = {}
+        self.splits: dict[str, ImageTensors | ImageFolder | IndexedStream] = {}
         self.classes: list[str] = []
         self._on_device: dict[str, ImageTensors] = {}
 
@@ -104,15 +112,30 @@ class DiffusionDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        if self.name == "streaming":
+            self._setup_streaming()
+            return
         if self.name == "folder":
             files, labels, self.classes = scan_image_folder(self.root, self.labels_from_subfolders)
-            keep = set(check_readable(files, self.strict))
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            workers = self.loader_options["num_workers"]
+            keep = set(
+                check_readable(
+                    files,
+                    self.strict,
+                    root=self.root,
+                    image_size=self.image_size,
+                    num_workers=workers,
+                    rank=rank,
+                    world_size=world,
+                )
+            )
             labels = [label for path, label in zip(files, labels, strict=True) if path in keep]
             full: ImageTensors | ImageFolder = ImageFolder(
                 sorted(keep), labels, self.image_size, self.channels, self.background
             )
             if self.on_device:
-                full = full.to_tensors(self.classes)
+                full = full.to_tensors(self.classes, workers)
             test = None
         else:
             full, test = NAMED[self.name]() if self.name == "digits" else NAMED[self.name](self.root, self.download)
@@ -132,8 +155,29 @@ class DiffusionDataModule(LightningDataModule):
         self.splits["test"] = test if test is not None else self.splits["val"]
         self.test_is_val = test is None
 
-    def _loader(self, split: str, *, shuffle: bool, full_batches: bool) -> ResumableLoader:
+    def _setup_streaming(self) -> None:
+        description = streaming.describe(self.url)
+        streams = streaming.open_splits(self.url, self.seed)
+        self.splits = {name: IndexedStream(stream) for name, stream in streams.items()}
+        streaming.check_format(self.url, description, self.splits["train"][0][0], self.image_size, self.channels)
+        if description is not None:
+            self.classes = description["classes"]
+        else:  # a URL: the class names are not read, their count is the setting's
+            self.classes = [str(i) for i in range(self.num_classes)] if self.num_classes else ["images"]
+        if self.num_classes is not None and self.num_classes != len(self.classes):
+            raise RunError(
+                f"dataset.num_classes is {self.num_classes} but {self.url} was prepared with {len(self.classes)} "
+                f"class(es); set dataset.num_classes={len(self.classes)}"
+            )
+        self.num_classes = len(self.classes)
+        self.splits["test"], self.test_is_val = self.splits["val"], True
+
+    def _loader(self, split: str, *, shuffle: bool, full_batches: bool) -> ResumableLoader | streaming.StreamingLoader:
         data = self.splits[split]
+        if isinstance(data, IndexedStream) and split == "train":
+            return streaming.loader(data.stream, self.batch_size, full_batches, **self.loader_options)
+        # Validation and test images of a streaming dataset are read by index, sharded here like a folder's: LitData
+        # shards by chunk, and a small validation split of one chunk would leave the other processes none.
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ShardedBatchSampler(
@@ -192,7 +236,7 @@ class DiffusionDataModule(LightningDataModule):
                 yield to_model_range(data.images[index]), data.labels[index]
             return
         workers = min(self.loader_options["num_workers"], os.cpu_count() or 1)
-        loader = DataLoader(Subset(data, mine), batch_size=batch_size, num_workers=workers)
+        loader = DataLoader(Subset(data, mine), batch_size=batch_size, num_workers=workers, generator=own_generator())
         for images, labels in loader:
             yield to_model_range(images), labels
 
@@ -209,6 +253,24 @@ def random_hflip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Flips each image left-right with probability 1/2, in one batched operation on x's device."""
     flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+class IndexedStream(Dataset):
+    """A LitData ``StreamingDataset`` read by index, in full on every process (for evaluation batches and
+    ``split_size``); ``stream`` is the dataset itself, for training and validation loaders, which shard it. Its own
+    ``len`` is one process's share in a multi-process run."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        if self.stream.cache is None:
+            self.stream[0]  # creates LitData's chunk cache, which knows the total
+        return len(self.stream.cache)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, label = self.stream[int(i)]
+        return image, label
 
 
 def _subset(data: ImageTensors | ImageFolder, index: Tensor) -> ImageTensors | ImageFolder:

@@ -134,6 +134,15 @@ class ResumableLoader:
         sampler.start = served
 
 
+def own_generator(seed: int = 0) -> torch.Generator:
+    """A generator for a DataLoader. Without one, every ``iter()`` of a DataLoader draws its workers' base seed from
+    the global random-number generator, which every training step draws from too (timesteps, noise, flips). A
+    resumed run makes its iterator after the checkpoint's RNG state is restored, the uninterrupted run made it at the
+    start of the epoch, so that one draw shifted every random number after a resume. The images read are
+    deterministic, so the workers' seeds change nothing else."""
+    return torch.Generator().manual_seed(seed)
+
+
 def worker_loader(
     dataset: Dataset,
     batch_sampler: ShardedBatchSampler,
@@ -149,6 +158,7 @@ def worker_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        generator=own_generator(),
     )
     return ResumableLoader(loader, batch_sampler)
 
