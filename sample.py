@@ -139,6 +139,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         )
     device = pick_device(cfg.device)
     module = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last).to(device)
+    if cfg.eval is not None and cfg.eval.name == "nll" and module.objective.target == "edm":
+        raise RunError(
+            "eval=nll is the discrete variational bound of a model trained at integer timesteps (Ho et al. 2020, "
+            "eq. 5); this checkpoint was trained with diffusion=edm, in continuous noise levels, where that bound "
+            "does not measure the model. Use eval=fid, or a discrete objective (e.g. diffusion=v_prediction) to "
+            "report a likelihood."
+        )
     labels = class_labels(cfg, module)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

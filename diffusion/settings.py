@@ -23,6 +23,7 @@ from diffusion.core.losses import LossType
 from diffusion.core.lr_schedule import LRShape
 from diffusion.core.reverse import Variance
 from diffusion.core.samplers.ddim import check_eta
+from diffusion.core.samplers.heun import check_churn
 from diffusion.core.schedules import ScheduleName, Spacing, make_betas
 from diffusion.core.targets import Target
 from diffusion.core.unet import UNet
@@ -227,6 +228,9 @@ def check_sampler(settings: dict, key: str = "sampler") -> None:
         _by_the_core(f"{key}.eta", sampler["eta"], check_eta)
     if "variance" in sampler and sampler["variance"] is not None:
         _choice(settings, f"{key}.variance", get_args(Variance))
+    if "s_churn" in sampler:
+        churn = {k: sampler[k] for k in ("s_churn", "s_min", "s_max", "s_noise")}
+        _by_the_core(f"{key}.s_churn", sampler["s_churn"], lambda _: check_churn(**churn))
     if "corrector_steps" in sampler:
         _integer(settings, f"{key}.corrector_steps", 0, f"0 runs no Langevin corrector, e.g. {key}.corrector_steps=1")
     if "snr" in sampler:
@@ -270,6 +274,12 @@ def check_objective(settings: dict) -> None:
     _number(settings, "diffusion.min_snr_gamma", 0, float("inf"), "null for none, e.g. 5.0", open_low=True)
     if diffusion["min_snr_gamma"] is not None and diffusion["loss"] != "mse":
         _fail("diffusion.min_snr_gamma", diffusion["min_snr_gamma"], "weights the mse loss only", "set it to null")
+    if diffusion["target"] == "edm":  # EDM's loss is its own weighted mse, with a fixed variance
+        fix = "diffusion=edm sets the EDM objective whole"
+        for key, allowed in (("loss", "mse"), ("min_snr_gamma", None), ("learned_variance", False)):
+            if diffusion[key] != allowed:
+                why = f"has no meaning for diffusion.target=edm (use {allowed})"
+                _fail(f"diffusion.{key}", diffusion[key], why, fix)
     _number(settings, "diffusion.vlb_weight", 0, float("inf"), "Nichol & Dhariwal's is 0.001")
     _number(
         settings, "diffusion.label_dropout", 0, 1,

@@ -64,6 +64,18 @@ class GaussianMixture:
 
         return denoise
 
+    def edm_denoiser(self, schedule: NoiseSchedule) -> Denoiser:
+        """The same optimal denoiser as an EDM model offers it: on ``schedule``'s rows, and at any continuous sigma
+        (``at_sigma(x, sigma)`` = E[y | y + sigma n = x] = E[x_0 | x_t = x / sqrt(1 + sigma^2)])."""
+        denoise = self.denoiser(schedule)
+
+        def at_sigma(x: Tensor, sigma: float) -> Tensor:
+            alpha_bar = torch.tensor(1.0 / (1.0 + sigma**2), dtype=torch.float64)
+            return self.posterior_mean(x * alpha_bar.sqrt(), alpha_bar)
+
+        denoise.at_sigma = at_sigma
+        return denoise
+
 
 GAUSSIAN = GaussianMixture(weights=(1.0,), means=(0.3,), stds=(0.5,))
 MIXTURE = GaussianMixture(weights=(0.3, 0.7), means=(-0.6, 0.5), stds=(0.15, 0.2))

@@ -41,6 +41,13 @@ CATALOGUE = [
         ["error: dataset=streaming reads a folder written by", "python -m diffusion.data.prepare"],
     ),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=abc"], ["error: sampler.steps='abc'"]),
+    ("sample.py", ["ckpt=EDM", "eval=nll"], ["error: eval=nll is the discrete variational bound", "eval=fid"]),
+    ("sample.py", ["ckpt=CKPT", "sampler=heun", "sampler.s_churn=-1"], ["error: sampler.s_churn=-1", "at least 0"]),
+    (
+        "train.py",
+        ["diffusion=edm", "diffusion.learned_variance=true"],
+        ["error: diffusion.learned_variance=True", "no meaning for diffusion.target=edm"],
+    ),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=0"], ["error: sampler.steps=0"]),
     ("sample.py", ["ckpt=CKPT", "batch_size=0"], ["error: batch_size=0"]),
     ("sample.py", ["ckpt=CKPT", "grid_images=0"], ["error: grid_images=0"]),
@@ -87,13 +94,20 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
     run = root / "trained"
     train(compose_config("train", ["debug=smoke", "~callbacks.previews", "trainer.max_steps=1"], run))
+    edm = root / "edm"
+    train(compose_config("train", ["debug=smoke", "~callbacks.previews", "trainer.max_steps=1", "diffusion=edm"], edm))
     (root / "empty.ckpt").write_bytes(b"")
     broken = root / "broken"
     broken.mkdir()
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(broken / "ok.png")
     (broken / "cut.png").write_bytes((broken / "ok.png").read_bytes()[:2000])  # a header, then nothing
-    return {"CKPT": run / "checkpoints" / "last.ckpt", "EMPTY": root / "empty.ckpt", "RUN": root}
+    return {
+        "CKPT": run / "checkpoints" / "last.ckpt",
+        "EDM": edm / "checkpoints" / "last.ckpt",
+        "EMPTY": root / "empty.ckpt",
+        "RUN": root,
+    }
 
 
 def run_entry_point(script: str, arguments: list[str], out: Path, capsys) -> tuple[int, str]:

@@ -35,9 +35,8 @@ def test_model_options(option, tmp_path):
 def test_diffusion_options(option, tmp_path):
     module, _ = build(compose_config("train", [f"diffusion={option}"], tmp_path))
     batch = (torch.rand(4, 1, 16, 16) * 2 - 1, torch.zeros(4, dtype=torch.long))
-    assert torch.isfinite(
-        module._losses(*batch, torch.tensor([0, 10, 500, 999]), torch.randn(4, 1, 16, 16), None)["loss"]
-    ).all()
+    levels = module._levels(4, torch.device("cpu"))  # timesteps, or EDM's sigmas
+    assert torch.isfinite(module._losses(*batch, levels, torch.randn(4, 1, 16, 16), None)["loss"]).all()
 
 
 @pytest.mark.parametrize("option", options("dataset"))
@@ -53,7 +52,9 @@ def test_dataset_options(option, tmp_path):
 def test_sampler_options(option, tmp_path):
     cfg = compose_config("train", [f"sampler={option}"], tmp_path)
     sampler = instantiate(cfg.sampler)
-    assert {"steps", "spacing"} <= set(sampler.keywords) and callable(sampler)
+    # every sampler takes its steps; those that walk the schedule's rows a spacing, Heun its own sigma grid
+    grid = {"sigma_min", "sigma_max", "rho"} if option == "heun" else {"spacing"}
+    assert {"steps", *grid} <= set(sampler.keywords) and callable(sampler)
 
 
 @pytest.mark.parametrize("option", options("trainer"))

@@ -18,7 +18,7 @@ from tests.helpers import CONFIGS, compose_config
 from train import train
 
 SCHEDULE = NoiseSchedule(make_betas("linear", 200))
-SAMPLERS = ["ddpm", "ddim", "dpm_solver", "sde", "ode"]
+SAMPLERS = ["ddpm", "ddim", "dpm_solver", "sde", "ode", "heun"]
 
 
 def configured(name: str, **options):
@@ -28,6 +28,8 @@ def configured(name: str, **options):
         cfg.eta = 0.7  # stochastic, so that the per-step noise is checked too
     if name == "sde":
         cfg.corrector_steps = 1
+    if name == "heun":
+        cfg.s_churn = 10.0  # stochastic too
     return instantiate(cfg)
 
 

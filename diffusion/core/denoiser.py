@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffusion.core import edm
 from diffusion.core.schedules import NoiseSchedule
-from diffusion.core.targets import Denoiser, Prediction, Target, eps_from_x0, to_x0_eps
+from diffusion.core.targets import Denoiser, Prediction, Target, eps_from_x0, network_input, to_x0_eps
 from diffusion.errors import SettingError
 
 # net(x_t, t, labels) -> output, (B, C or 2C, H, W); labels (B,) int64 or None
@@ -68,7 +69,9 @@ def network_denoiser(
             every target is affine in the output, guiding the output guides x_0 and eps alike.
         null_label: the label the network was trained with for "no class" (needed when guidance != 1).
 
-    The function returned has ``rows_per_image``: images through the network per image denoised (2 with guidance).
+    The function returned has ``rows_per_image``: images through the network per image denoised (2 with guidance),
+    and for a ``target=edm`` network ``at_sigma(x, sigma)``: EDM's D(x; sigma) at any continuous sigma, for samplers
+    that work in sigma (:func:`diffusion.core.samplers.heun.heun_sample`).
     """
     check_dynamic_threshold(dynamic_threshold)
     if guidance != 1.0 and labels is None:
@@ -76,31 +79,46 @@ def network_denoiser(
     if guidance != 1.0 and null_label is None:
         raise ValueError("classifier-free guidance needs the null label of a model trained with label dropout")
 
-    def denoise(x_t: Tensor, t: Tensor) -> Prediction:
+    def evaluate(x_in: Tensor, t_in: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The network's (guided) output and, with a learned variance, the interpolation v mapped to [0, 1]."""
         if labels is not None and guidance != 1.0:
             null = torch.full_like(labels, null_label)
-            both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
+            both = net(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([labels, null]))
             with_label, without = both.chunk(2)
             output = without + guidance * (with_label - without)
             if learned_variance:  # the variance comes from the conditional pass, as in GLIDE (Nichol et al. 2022)
-                output = torch.cat([output[:, : x_t.shape[1]], with_label[:, x_t.shape[1] :]], dim=1)
+                output = torch.cat([output[:, : x_in.shape[1]], with_label[:, x_in.shape[1] :]], dim=1)
         else:
-            output = net(x_t, t, labels)
+            output = net(x_in, t_in, labels)
         var_frac = None
         if learned_variance:
             output, v = output.chunk(2, dim=1)
-            var_frac = (v.to(x_t.dtype) + 1.0) / 2.0
-        output = output.to(x_t.dtype)  # an autocast network may answer in bf16; the sampler's state keeps its dtype
-        x0, eps = to_x0_eps(schedule, target, output, x_t, t)
+            var_frac = (v.to(x_in.dtype) + 1.0) / 2.0
+        return output.to(x_in.dtype), var_frac  # an autocast network may answer in bf16; the state keeps its dtype
+
+    def limit(x0: Tensor) -> Tensor:
         if dynamic_threshold is not None:
-            x0 = dynamic_thresholding(x0, dynamic_threshold)
-            eps = eps_from_x0(schedule, x_t, t, x0)
-        elif clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+            return dynamic_thresholding(x0, dynamic_threshold)
+        return x0.clamp(-1.0, 1.0) if clip_x0 else x0
+
+    def denoise(x_t: Tensor, t: Tensor) -> Prediction:
+        output, var_frac = evaluate(*network_input(schedule, target, x_t, t))
+        x0, eps = to_x0_eps(schedule, target, output, x_t, t)
+        if dynamic_threshold is not None or clip_x0:
+            x0 = limit(x0)
             eps = eps_from_x0(schedule, x_t, t, x0)
         return Prediction(x0=x0, eps=eps, var_frac=var_frac)
 
+    def at_sigma(x: Tensor, sigma: float) -> Tensor:
+        """EDM's D(x; sigma) at any noise level, for x = y + sigma n: only a ``target=edm`` network has one."""
+        sigmas = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=x.device)
+        _, _, c_in, c_noise = edm.preconditioning(sigmas)
+        output, _ = evaluate(x * c_in.to(x.dtype).view(-1, *([1] * (x.ndim - 1))), c_noise.float())
+        return limit(edm.denoised(output, x, sigmas.view(-1, *([1] * (x.ndim - 1)))))
+
     denoise.rows_per_image = 2 if labels is not None and guidance != 1.0 else 1  # type: ignore[attr-defined]
+    if target == "edm":
+        denoise.at_sigma = at_sigma  # type: ignore[attr-defined]
     return denoise
 
 

@@ -28,9 +28,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from diffusion.core.edm import edm_alpha_bar
 from diffusion.errors import SettingError
 
-ScheduleName = Literal["linear", "cosine", "sigmoid", "quadratic"]
+ScheduleName = Literal["linear", "cosine", "sigmoid", "quadratic", "edm"]
 Spacing = Literal["uniform", "quadratic", "logsnr", "trailing"]
 
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021, §3.2: clip betas to avoid a singularity at t = T
@@ -73,7 +74,21 @@ def sigmoid_betas(T: int) -> Tensor:
     return betas_from_alpha_bar(alpha_bar.clamp(min=1e-9))
 
 
-SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas, "quadratic": quadratic_betas}
+def edm_betas(T: int) -> Tensor:
+    """EDM's sigma grid (Karras et al. 2022, eq. 5: sigma from 0.002 to 80, rho = 7) as T rows, alpha_bar =
+    1 / (1 + sigma^2) (:func:`diffusion.core.edm.edm_alpha_bar`): the table a ``target=edm`` model is sampled on
+    by the samplers that walk rows. Training such a model draws its sigmas from a distribution, not from here."""
+    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), edm_alpha_bar(T)])
+    return betas_from_alpha_bar(alpha_bar)
+
+
+SCHEDULES = {
+    "linear": linear_betas,
+    "cosine": cosine_betas,
+    "sigmoid": sigmoid_betas,
+    "quadratic": quadratic_betas,
+    "edm": edm_betas,
+}
 
 
 def make_betas(name: ScheduleName, T: int) -> Tensor:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
+from diffusion.core import edm
 from diffusion.core.denoiser import SamplingOptions, network_denoiser
 from diffusion.core.losses import training_losses
 from diffusion.core.lr_schedule import lr_factor
@@ -184,19 +185,44 @@ class DiffusionModule(LightningModule):
                 f"set model.num_classes={datamodule.num_classes} (or null for an unconditional model)"
             )
 
-    def _losses(self, x0: Tensor, labels: Tensor, t: Tensor, noise: Tensor, drop: Tensor | None) -> dict[str, Tensor]:
-        x_t = self.schedule.q_sample(x0, t, noise)
+    @property
+    def continuous(self) -> bool:
+        """EDM's objective (``diffusion.target=edm``): noise levels sigma drawn from a distribution, not rows."""
+        return self.objective.target == "edm"
+
+    def _levels(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """Training noise levels: timesteps uniform over the rows, or EDM's log-normal sigmas."""
+        if self.continuous:
+            return edm.sample_sigma(n, edm.P_MEAN, edm.P_STD, device=device, generator=generator)
+        return torch.randint(0, len(self.schedule), (n,), device=device, generator=generator)
+
+    def _quartile(self, level: Tensor) -> Tensor:
+        """The quarter of the training distribution of noise levels each level lies in (0 nearest the data)."""
+        if self.continuous:
+            return edm.sigma_quartile(level, edm.P_MEAN, edm.P_STD)
+        return level * 4 // len(self.schedule)
+
+    def _losses(
+        self, x0: Tensor, labels: Tensor, level: Tensor, noise: Tensor, drop: Tensor | None
+    ) -> dict[str, Tensor]:
         if self.conditional:
             if drop is not None:  # classifier-free guidance: train the null label too (Ho & Salimans 2022, Alg. 1)
                 labels = torch.where(drop, torch.full_like(labels, self.unet.num_classes), labels)
         else:
             labels = None
+        if self.continuous:  # Karras et al. 2022: x = y + sigma n, F sees c_in x and c_noise
+            sigma = level.to(torch.float64).view(-1, *([1] * (x0.ndim - 1)))
+            x = x0 + sigma.to(x0.dtype) * noise
+            _, _, c_in, c_noise = edm.preconditioning(sigma)
+            output = self.network(c_in.to(x0.dtype) * x, c_noise.flatten().float(), labels)
+            return {"loss": edm.edm_loss(output, x0, x, level.to(torch.float64))}
+        x_t = self.schedule.q_sample(x0, level, noise)
         return training_losses(
             self.schedule,
-            self.network(x_t, t, labels),
+            self.network(x_t, level, labels),
             x0,
             x_t,
-            t,
+            level,
             noise,
             target=self.objective.target,
             loss=self.objective.loss,
@@ -207,20 +233,19 @@ class DiffusionModule(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
-        T = len(self.schedule)
-        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+        level = self._levels(x0.shape[0], x0.device)
         drop = torch.rand(x0.shape[0], device=x0.device) < self.objective.label_dropout if self.conditional else None
-        terms = self._losses(x0, labels, t, torch.randn_like(x0), drop)
+        terms = self._losses(x0, labels, level, torch.randn_like(x0), drop)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
         if "vb" in terms:
             self.log("train/vb", terms["vb"].mean())
-        self.loss_by_quartile.update(terms["loss"].detach(), t * 4 // T)
+        self.loss_by_quartile.update(terms["loss"].detach(), self._quartile(level))
         return loss
 
     def on_train_epoch_end(self) -> None:
         """The epoch's loss by timestep quartile, as improved-diffusion logs it: which noise levels the model still
-        gets wrong (``train/loss_q0`` nearest the data)."""
+        gets wrong (``train/loss_q0`` nearest the data). For EDM, by quartile of the training sigma distribution."""
         if self.loss_by_quartile.update_count == 0:  # a resumed run that starts at the end of an epoch
             return
         for q, value in enumerate(self.loss_by_quartile.compute()):
@@ -228,13 +253,13 @@ class DiffusionModule(LightningModule):
         self.loss_by_quartile.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """The training loss on held-out images, with timesteps and noise fixed per batch, so that values from one
-        validation to the next differ only through the model."""
+        """The training loss on held-out images, with noise levels and noise fixed per batch, so that values from
+        one validation to the next differ only through the model."""
         x0, labels = batch
         g = torch.Generator(device=x0.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
-        t = torch.randint(0, len(self.schedule), (x0.shape[0],), device=x0.device, generator=g)
+        level = self._levels(x0.shape[0], x0.device, g)
         noise = torch.randn(x0.shape, device=x0.device, generator=g)
-        loss = self._losses(x0, labels, t, noise, None)["loss"].mean()
+        loss = self._losses(x0, labels, level, noise, None)["loss"].mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
     def configure_gradient_clipping(

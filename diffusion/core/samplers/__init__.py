@@ -9,6 +9,7 @@ from diffusion.core.samplers.base import NoiseSource, Randomness, Sampler, Sampl
 from diffusion.core.samplers.ddim import ddim_invert, ddim_sample
 from diffusion.core.samplers.ddpm import ddpm_sample
 from diffusion.core.samplers.dpm_solver import dpm_solver_sample
+from diffusion.core.samplers.heun import heun_sample
 from diffusion.core.samplers.score_sde import ode_sample, sde_sample
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ddpm_sample",
     "dpm_solver_sample",
     "final",
+    "heun_sample",
     "ode_sample",
     "sde_sample",
 ]
