@@ -256,9 +256,9 @@ def random_hflip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 
 class IndexedStream(Dataset):
-    """A LitData ``StreamingDataset`` read by index, in full on every process (for evaluation batches and
-    ``split_size``); ``stream`` is the dataset itself, for training and validation loaders, which shard it. Its own
-    ``len`` is one process's share in a multi-process run."""
+    """A LitData ``StreamingDataset`` read by index, in full on every process: for the validation and test loaders
+    (sharded by :class:`ShardedBatchSampler`, like a folder's), the evaluation batches and ``split_size``. ``stream``
+    is the dataset itself, for the training loader, which LitData shards; its own ``len`` is one process's share."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
