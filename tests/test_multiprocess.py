@@ -191,3 +191,21 @@ def test_torchrun_launches_the_processes_and_the_batch_size_is_per_process(tmp_p
     assert state["global_step"] == 5 and len(state["rng_states"]["cpu"]) == 2
     assert loader_state(state) == {"epoch": 1, "served": 1, "batch_size": 256, "world_size": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # one run directory, wherever torchrun started
+
+
+def test_a_folder_is_checked_by_both_processes_which_skip_the_same_broken_file(tmp_path):
+    """dataset=folder on two processes: each decodes half of the files, they agree on the one that cannot be
+    decoded (a warning, once), and both train on the same list."""
+    from tests.helpers import write_image_folder
+
+    write_image_folder(tmp_path / "images", {"all": 40})
+    good = tmp_path / "images" / "all" / "img0.png"
+    (tmp_path / "images" / "all" / "cut.png").write_bytes(good.read_bytes()[:200])
+    run = tmp_path / "run"
+    result = train_on(
+        2, run, "dataset=folder", f"dataset.root={tmp_path / 'images'}", "dataset.image_size=16",
+        "dataset.batch_size=4", "dataset.num_workers=1", "trainer.max_steps=2",
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert output.count("skipping 1 image file(s) that cannot be decoded") == 1 and "cut.png" in output
+    assert load_state(run / "checkpoints" / "last.ckpt")["global_step"] == 2

@@ -215,6 +215,12 @@ def decode_image(image: Image.Image, channels: int, background: tuple[int, int, 
     return image.convert(mode)
 
 
+def decode_workers(requested: int, files: int) -> int:
+    """Loader workers for decoding ``files`` once: at most the cores, and none beyond one per 256 files (a worker
+    costs about 0.1 s to start)."""
+    return min(requested, os.cpu_count() or 1, max(1, files // 256))
+
+
 class _DecodeCheck(Dataset):
     """Item i: ``(i, how its mode is converted, None)`` when ``files[i]`` decodes whole, else ``(i, None, why)``.
     JPEGs are decoded at the smallest DCT scale that keeps ``image_size`` (PIL's ``draft``): every byte of the
@@ -263,7 +269,7 @@ def check_readable(
     ``num_workers`` DataLoader workers, and the processes exchange what they found (``all_gather_object``), so that
     every one of them returns the same list."""
     mine = list(range(rank, len(files), world_size))
-    workers = min(num_workers, os.cpu_count() or 1, max(1, len(mine) // 256))  # a worker costs ~0.1 s to start
+    workers = decode_workers(num_workers, len(mine))
     check = _DecodeCheck([files[i] for i in mine], image_size)
     loader = DataLoader(check, batch_size=64, num_workers=workers, collate_fn=list, generator=torch.Generator())
     bad, modes = [], {}
@@ -342,7 +348,7 @@ class ImageFolder(Dataset):
 
     def to_tensors(self, classes: list[str], num_workers: int = 0) -> ImageTensors:
         """Decodes every image once, for a dataset held in memory, with ``num_workers`` DataLoader workers."""
-        workers = min(num_workers, os.cpu_count() or 1, max(1, len(self) // 256))
+        workers = decode_workers(num_workers, len(self))
         loader = DataLoader(self, batch_size=64, num_workers=workers, generator=torch.Generator())
         with tqdm(
             total=len(self), desc="decoding images", unit="file", file=sys.stderr, disable=len(self) < 500
