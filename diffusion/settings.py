@@ -74,6 +74,8 @@ class DiffusionSettings:
     min_snr_gamma: float | None = MISSING
     learned_variance: bool = MISSING
     vlb_weight: float = MISSING
+    p_mean: float | None = MISSING
+    p_std: float | None = MISSING
     label_dropout: float = MISSING
 
 
@@ -280,6 +282,16 @@ def check_objective(settings: dict) -> None:
             if diffusion[key] != allowed:
                 why = f"has no meaning for diffusion.target=edm (use {allowed})"
                 _fail(f"diffusion.{key}", diffusion[key], why, fix)
+        for key in ("p_mean", "p_std"):
+            if diffusion[key] is None:
+                _fail(f"diffusion.{key}", None, "is EDM's training distribution of ln sigma", f"{fix} (-1.2 and 1.2)")
+        _number(settings, "diffusion.p_mean", -10, 10, "the paper's is -1.2")
+        _number(settings, "diffusion.p_std", 0, 10, "the paper's is 1.2", open_low=True)
+    else:
+        for key in ("p_mean", "p_std"):
+            if diffusion[key] is not None:
+                why = "sets EDM's training noise levels and has no meaning for the discrete targets"
+                _fail(f"diffusion.{key}", diffusion[key], why, "set it to null, or use diffusion=edm")
     _number(settings, "diffusion.vlb_weight", 0, float("inf"), "Nichol & Dhariwal's is 0.001")
     _number(
         settings, "diffusion.label_dropout", 0, 1,

@@ -48,6 +48,8 @@ CATALOGUE = [
         ["diffusion=edm", "diffusion.learned_variance=true"],
         ["error: diffusion.learned_variance=True", "no meaning for diffusion.target=edm"],
     ),
+    ("train.py", ["diffusion=edm", "diffusion.p_std=0"], ["error: diffusion.p_std=0", "(0, 10]"]),
+    ("train.py", ["diffusion.p_mean=-0.4"], ["error: diffusion.p_mean=-0.4", "no meaning for the discrete", "null"]),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=0"], ["error: sampler.steps=0"]),
     ("sample.py", ["ckpt=CKPT", "batch_size=0"], ["error: batch_size=0"]),
     ("sample.py", ["ckpt=CKPT", "grid_images=0"], ["error: grid_images=0"]),

@@ -242,3 +242,18 @@ def test_an_edm_model_trains_on_two_processes_with_the_fid(tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {"val/fid", "val/kid", "train/loss_q0", "train/loss_q3"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize(("p_mean", "p_std"), [(-1.2, 1.2), (-0.4, 1.0)])
+def test_the_training_noise_levels_follow_p_mean_and_p_std(p_mean, p_std, tmp_path):
+    """ln sigma of the training draws is N(p_mean, p_std^2), and the loss-by-quartile groups cut that distribution
+    at its quartiles, from the settings (not the paper's constants)."""
+    from tests.test_configs import build
+
+    overrides = ["diffusion=edm", f"diffusion.p_mean={p_mean}", f"diffusion.p_std={p_std}"]
+    module, _ = build(compose_config("train", overrides, tmp_path))
+    sigma = module._levels(200_000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    log_sigma = sigma.double().log()
+    assert abs(log_sigma.mean().item() - p_mean) < 0.01 and abs(log_sigma.std().item() - p_std) < 0.01
+    quarters = torch.bincount(module._quartile(sigma), minlength=4) / len(sigma)
+    assert torch.allclose(quarters, torch.full((4,), 0.25), atol=0.005)

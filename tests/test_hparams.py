@@ -89,8 +89,9 @@ def test_a_resume_that_changes_the_model_or_its_objective_is_refused(tmp_path, t
 
 def old_layout(hparams: dict) -> dict:
     """The hyperparameters as the version before this layout wrote them: the dataset under "data", clip_x0 a
-    diffusion setting, no dataset.strict or dataset.background."""
-    old = {**hparams, "diffusion": {**hparams["diffusion"], "clip_x0": True}}
+    diffusion setting, no dataset.strict, dataset.background or diffusion.p_mean/p_std."""
+    diffusion = {k: v for k, v in hparams["diffusion"].items() if k not in ("p_mean", "p_std")}
+    old = {**hparams, "diffusion": {**diffusion, "clip_x0": True}}
     old["data"] = {k: v for k, v in old.pop("dataset").items() if k not in ("strict", "background")}
     return old
 

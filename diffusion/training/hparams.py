@@ -17,6 +17,8 @@ import copy
 from dataclasses import dataclass, fields
 from typing import Any
 
+from diffusion.core import edm as edm_loss
+
 GROUPS = ("model", "diffusion", "optimizer", "dataset")  # the checkpoint's keys, each the user's config group
 SPEED_SWITCHES = ("compile", "channels_last", "checkpointing")  # how fast and in how much memory, not what
 IMAGE_FORMAT = ("image_size", "channels")  # the dataset settings that shape the network
@@ -49,6 +51,8 @@ class Objective:
     min_snr_gamma: float | None
     learned_variance: bool
     vlb_weight: float
+    p_mean: float | None
+    p_std: float | None
     label_dropout: float
 
 
@@ -80,7 +84,7 @@ def upgrade(hparams: dict[str, Any]) -> dict[str, Any]:
     """The hyperparameters of a checkpoint of an earlier version in today's layout: the dataset was stored as
     ``data``; ``diffusion.clip_x0`` (and ``dynamic_threshold``, which sample.py wrote into the model) are sampling
     options now; ``optimizer.schedule`` is ``optimizer.lr_schedule``; ``dataset.strict``, ``dataset.background``
-    and ``model.checkpointing`` came later, with the defaults given here."""
+    ``model.checkpointing`` and ``diffusion.p_mean``/``p_std`` came later, with the defaults given here."""
     hparams = copy.deepcopy(hparams)
     if "dataset" not in hparams and "data" in hparams:
         hparams["dataset"] = hparams.pop("data")
@@ -92,6 +96,10 @@ def upgrade(hparams: dict[str, Any]) -> dict[str, Any]:
         hparams["dataset"] = {"strict": False, "background": [255, 255, 255], **hparams["dataset"]}
     if "model" in hparams:
         hparams["model"].setdefault("checkpointing", False)
+    if "diffusion" in hparams:  # EDM's training distribution of noise levels was fixed at the paper's
+        edm = hparams["diffusion"].get("target") == "edm"
+        hparams["diffusion"].setdefault("p_mean", edm_loss.P_MEAN if edm else None)
+        hparams["diffusion"].setdefault("p_std", edm_loss.P_STD if edm else None)
     return hparams
 
 

@@ -72,7 +72,7 @@ class DiffusionModule(LightningModule):
         model: the UNet's settings (``configs/model``), plus the speed switches ``compile``, ``channels_last`` and
             ``checkpointing`` (activation checkpointing: less memory, more time).
         diffusion: the training objective (``configs/diffusion``): timesteps, schedule, target, loss, min_snr_gamma,
-            learned_variance, vlb_weight, label_dropout.
+            learned_variance, vlb_weight, p_mean, p_std, label_dropout.
         optimizer: AdamW and learning-rate schedule settings (``configs/optimizer``).
         dataset: the dataset's settings (``configs/dataset``) and the run's seed; image_size and channels shape the
             UNet, the rest lets ``sample.py`` find the training and test images again.
@@ -193,13 +193,13 @@ class DiffusionModule(LightningModule):
     def _levels(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
         """Training noise levels: timesteps uniform over the rows, or EDM's log-normal sigmas."""
         if self.continuous:
-            return edm.sample_sigma(n, edm.P_MEAN, edm.P_STD, device=device, generator=generator)
+            return edm.sample_sigma(n, self.objective.p_mean, self.objective.p_std, device=device, generator=generator)
         return torch.randint(0, len(self.schedule), (n,), device=device, generator=generator)
 
     def _quartile(self, level: Tensor) -> Tensor:
         """The quarter of the training distribution of noise levels each level lies in (0 nearest the data)."""
         if self.continuous:
-            return edm.sigma_quartile(level, edm.P_MEAN, edm.P_STD)
+            return edm.sigma_quartile(level, self.objective.p_mean, self.objective.p_std)
         return level * 4 // len(self.schedule)
 
     def _losses(
