@@ -12,6 +12,7 @@ import torch
 
 from diffusion.data.datamodule import DiffusionDataModule, random_hflip
 from diffusion.data.datasets import (
+    MNIST_FILES,
     ImageFolder,
     check_readable,
     fit_images,
@@ -20,6 +21,7 @@ from diffusion.data.datasets import (
     load_fashion,
     load_mnist,
     scan_image_folder,
+    unpack_debian_fashion_mnist,
 )
 from diffusion.errors import RunError
 from tests.helpers import write_cifar, write_image_folder, write_mnist
@@ -77,6 +79,25 @@ def test_fashion_mnist_comes_from_the_debian_package(tmp_path):
     train, test = load_fashion(tmp_path, download=False)
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
     assert train.classes[0] == "T-shirt/top"
+
+
+def test_a_half_unpacked_debian_copy_is_completed_not_read(tmp_path):
+    """Runs started together on one data folder: the first had unpacked one file when the second looked. The second
+    unpacks what is missing (into a file of its own, renamed into place) instead of failing on the missing ones."""
+    import gzip
+
+    debian = tmp_path / "debian"
+    write_mnist(debian, "idx")  # the IDX files, gzipped below as Debian ships them
+    debian.joinpath("gz").mkdir()
+    for name in MNIST_FILES:
+        debian.joinpath("gz", f"{name}.gz").write_bytes(gzip.compress(debian.joinpath("idx", "raw", name).read_bytes()))
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    raw.joinpath(MNIST_FILES[0]).write_bytes(debian.joinpath("idx", "raw", MNIST_FILES[0]).read_bytes())
+    unpack_debian_fashion_mnist(raw, debian / "gz")
+    assert sorted(p.name for p in raw.iterdir()) == sorted(MNIST_FILES)  # and no part files left behind
+    for name in MNIST_FILES:
+        assert raw.joinpath(name).read_bytes() == debian.joinpath("idx", "raw", name).read_bytes()
 
 
 def test_images_are_resized_and_converted():

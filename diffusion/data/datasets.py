@@ -69,14 +69,25 @@ def load_digits() -> tuple[ImageTensors, None]:
     return ImageTensors(images, torch.from_numpy(digits.target).long(), [str(d) for d in range(10)]), None
 
 
+def unpack_debian_fashion_mnist(raw: Path, debian: Path) -> None:
+    """Debian ships the gzipped IDX files; torchvision reads them unpacked. Each missing file is unpacked beside its
+    place and renamed into it, so that runs started together on one data folder (benchmarks/ablation.py's arms, one
+    process per GPU) never see one another's half-written files: each finds a file whole or writes its own."""
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in MNIST_FILES:
+        if (raw / name).exists():
+            continue
+        part = raw / f".{name}.{os.getpid()}.part"
+        with gzip.open(debian / f"{name}.gz", "rb") as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(part, raw / name)
+
+
 def _mnist_like(kind: str, root: Path, download: bool) -> tuple[ImageTensors, ImageTensors]:
     cls = {"mnist": torchvision.datasets.MNIST, "fashion": torchvision.datasets.FashionMNIST}[kind]
     raw = root / cls.__name__ / "raw"
-    if kind == "fashion" and not (raw / MNIST_FILES[0]).exists() and DEBIAN_FASHION_MNIST.is_dir():
-        raw.mkdir(parents=True, exist_ok=True)
-        for name in MNIST_FILES:  # Debian ships the gzipped IDX files; torchvision reads them unpacked
-            with gzip.open(DEBIAN_FASHION_MNIST / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+    if kind == "fashion" and DEBIAN_FASHION_MNIST.is_dir():
+        unpack_debian_fashion_mnist(raw, DEBIAN_FASHION_MNIST)
     try:
         sets = [cls(str(root), train=train, download=download) for train in (True, False)]
     except RuntimeError as error:
