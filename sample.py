@@ -24,10 +24,11 @@ from diffusion.data.datamodule import DiffusionDataModule
 from diffusion.errors import RunError, report_errors
 from diffusion.outputs.evaluation import fid_against, nll_bits_per_dim
 from diffusion.outputs.reports import results_table
-from diffusion.outputs.writers import write_gif, write_grid, write_images, write_json, write_npz
+from diffusion.outputs.writers import atomic_path, write_gif, write_grid, write_images, write_json, write_npz
 from diffusion.settings import SampleSettings, check_sample, config_options
-from diffusion.training.checkpoint_reading import load_model
+from diffusion.training.checkpoint_reading import load_checkpoint, load_model
 from diffusion.training.module import DiffusionModule
+from diffusion.training.posthoc_ema import load_posthoc
 
 ConfigStore.instance().store(name="sample_schema", node=SampleSettings)
 OmegaConf.register_new_resolver("options", config_options, replace=True)  # for --help
@@ -127,6 +128,26 @@ def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, dev
     return {**result, "split": datamodule.split_name(cfg.eval.split), "variance": variance}
 
 
+def use_posthoc_ema(module: DiffusionModule, cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """The post-hoc EMA of length ``cfg.ema_length`` in ``module``, and with ``ema_save`` its checkpoint, written
+    as posthoc_ema.ckpt in ``out`` (the checkpoint with these weights as its EMA weights, for sample.py ckpt=)."""
+    ckpt = Path(cfg.ckpt)
+    checkpoint = load_checkpoint(ckpt)
+    folder = Path(cfg.ema_snapshots) if cfg.ema_snapshots else ckpt.resolve().parent.parent / "ema_snapshots"
+    info = load_posthoc(module, checkpoint, ckpt, cfg.ema_length, folder)
+    print(
+        f"Post-hoc EMA of length {cfg.ema_length:g} at {info['ema_images']:,} training images, from "
+        f"{info['ema_snapshots']} snapshots and the checkpoint's averages (profile fit residual "
+        f"{info['ema_profile_residual']:.2%})"
+    )
+    if cfg.ema_save:
+        state = {key: checkpoint[key] for key in ("hyper_parameters", "current_model_state") if key in checkpoint}
+        state |= {"state_dict": module.state_dict(), "posthoc_ema": info}
+        with atomic_path(out / "posthoc_ema.ckpt") as tmp:
+            torch.save(state, tmp)
+    return info
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generates ``cfg.n`` images, writes grid.png, process.gif and samples.npz (and images/), evaluates when asked,
     and writes results.json; returns the results."""
@@ -138,7 +159,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             f"pass overwrite=true to replace them, or out_dir=PATH to write elsewhere"
         )
     device = pick_device(cfg.device)
-    module = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last).to(device)
+    module = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last)
+    posthoc = {} if cfg.ema_length is None else use_posthoc_ema(module, cfg, out)
+    module = module.to(device)
     if cfg.eval is not None and cfg.eval.name == "nll" and module.objective.target == "edm":
         raise RunError(
             "eval=nll is the discrete variational bound of a model trained at integer timesteps (Ho et al. 2020, "
@@ -171,6 +194,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "images_per_second": cfg.n / seconds,
         "seed": cfg.seed,
         "ema": cfg.ema,
+        **posthoc,
         "guidance": cfg.guidance,
         "eta": cfg.sampler.get("eta"),
         "clip_x0": cfg.clip_x0,

@@ -21,6 +21,7 @@ from omegaconf import MISSING
 from diffusion.core.denoiser import check_dynamic_threshold
 from diffusion.core.losses import LossType
 from diffusion.core.lr_schedule import LRShape
+from diffusion.core.posthoc_ema import check_sigma_rel
 from diffusion.core.reverse import Variance
 from diffusion.core.samplers.ddim import check_eta
 from diffusion.core.samplers.heun import check_churn
@@ -118,6 +119,9 @@ class SampleSettings:
     labels: Any = MISSING
     seed: int = MISSING
     ema: bool = MISSING
+    ema_length: float | None = MISSING
+    ema_snapshots: str | None = MISSING
+    ema_save: bool = MISSING
     device: str = MISSING
     precision: str = MISSING
     clip_x0: bool = MISSING
@@ -426,4 +430,8 @@ def check_sample(settings: dict) -> None:
     device = str(settings["device"])
     if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
         _fail("device", device, "is not a device", "use auto, cpu, cuda or cuda:N")
+    if settings["ema_length"] is not None:
+        _by_the_core("ema_length", settings["ema_length"], check_sigma_rel)
+        if not settings["ema"]:
+            _fail("ema", False, "samples the raw weights, and ema_length reconstructs an average", "leave ema=true")
     check_sampler(settings)

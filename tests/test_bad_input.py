@@ -48,6 +48,18 @@ CATALOGUE = [
         ["diffusion=edm", "diffusion.learned_variance=true"],
         ["error: diffusion.learned_variance=True", "no meaning for diffusion.target=edm"],
     ),
+    (
+        "train.py",
+        ["callbacks.posthoc_ema.every_n_images=-1"],
+        ["error: callbacks.posthoc_ema: every_n_images=-1", "0 switches post-hoc EMA off"],
+    ),
+    (
+        "train.py",
+        ["callbacks.posthoc_ema.sigma_rels=[0.05,0.5]"],
+        ["error: callbacks.posthoc_ema: sigma_rels=[0.05, 0.5]", "[0.01, 0.28]"],
+    ),
+    ("sample.py", ["ckpt=CKPT", "ema_length=0.5"], ["error: ema_length=0.5", "[0.01, 0.28]"]),
+    ("sample.py", ["ckpt=CKPT", "ema_length=0.08", "ema=false"], ["error: ema=False", "leave ema=true"]),
     ("train.py", ["diffusion=edm", "diffusion.p_std=0"], ["error: diffusion.p_std=0", "(0, 10]"]),
     ("train.py", ["diffusion.p_mean=-0.4"], ["error: diffusion.p_mean=-0.4", "no meaning for the discrete", "null"]),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=0"], ["error: sampler.steps=0"]),

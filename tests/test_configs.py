@@ -69,7 +69,7 @@ def test_trainer_options_are_trainer_arguments(option, tmp_path):
 def test_callback_and_logger_options(tmp_path):
     cfg = compose_config("train", [], tmp_path)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    assert len(callbacks) == 7 and all(isinstance(c, Callback) for c in callbacks)
+    assert len(callbacks) == 8 and all(isinstance(c, Callback) for c in callbacks)
     assert [type(instantiate(c)).__name__ for c in cfg.logger.values()] == ["TensorBoardLogger"]
 
 

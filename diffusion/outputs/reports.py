@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from diffusion.outputs.writers import atomic_path
 
 COLUMNS = ("sampler", "steps", "nfe", "seconds", "images_per_second", "fid", "kid", "nll_bpd")
-OPTIONS = ("guidance", "eta", "ema", "precision", "seed")  # shown when a sweep varies them
+OPTIONS = ("ema_length", "guidance", "eta", "ema", "precision", "seed")  # shown when a sweep varies them
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -39,7 +39,7 @@ class SweepSummary(Callback):
         rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
         if not rows:
             return
-        rows.sort(key=lambda row: (str(row.get("sampler")), row.get("steps") or 0))
+        rows.sort(key=lambda row: (str(row.get("sampler")), row.get("steps") or 0, row.get("ema_length") or 0))
         table = results_table(rows)
         with atomic_path(sweep_dir / "summary.md") as tmp:
             tmp.write_text(table + "\n")
