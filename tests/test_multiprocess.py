@@ -83,8 +83,11 @@ def test_two_cpu_processes_with_ddp_share_one_run_directory_and_the_fid(tmp_path
 def four_steps_on_two(tmp_path_factory) -> Path:
     """The last.ckpt of 4 steps on two processes."""
     run = tmp_path_factory.mktemp("four_steps_on_two") / "run"
-    train_on(2, run, "trainer.max_steps=4")
+    train_on(2, run, "trainer.max_steps=4", POSTHOC)
     return run / "checkpoints" / "last.ckpt"
+
+
+POSTHOC = "callbacks.posthoc_ema.every_n_images=192"  # a snapshot every 2 steps of 2 x 48 images
 
 
 def test_a_two_process_resume_continues_exactly(tmp_path, four_steps_on_two):
@@ -94,11 +97,23 @@ def test_a_two_process_resume_continues_exactly(tmp_path, four_steps_on_two):
     assert all(s.storage_offset() == 0 for s in first["rng_states"]["cpu"])
     assert not torch.equal(*first["rng_states"]["cpu"])  # each process draws its own timesteps and noise
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_on(2, straight, "trainer.max_steps=8")
-    train_on(2, resumed, "trainer.max_steps=8", f"ckpt_path={four_steps_on_two}")
-    assert_same_training_state(
-        load_state(straight / "checkpoints" / "last.ckpt"), load_state(resumed / "checkpoints" / "last.ckpt")
-    )
+    train_on(2, straight, "trainer.max_steps=8", POSTHOC)
+    train_on(2, resumed, "trainer.max_steps=8", POSTHOC, f"ckpt_path={four_steps_on_two}")
+    a, b = load_state(straight / "checkpoints" / "last.ckpt"), load_state(resumed / "checkpoints" / "last.ckpt")
+    assert_same_training_state(a, b)
+    # post-hoc EMA: the images of both processes count, and rank zero alone wrote the same snapshots
+    assert a["callbacks"]["PostHocEMA"]["images"] == b["callbacks"]["PostHocEMA"]["images"] == 8 * 96
+    for x, y in zip(a["callbacks"]["PostHocEMA"]["averages"], b["callbacks"]["PostHocEMA"]["averages"], strict=True):
+        for name, value in x.items():
+            torch.testing.assert_close(y[name], value, rtol=1e-5, atol=1e-6)
+    written = sorted(p.name for p in (straight / "ema_snapshots").iterdir())
+    assert written == [f"step_000000{k}.pt" for k in (2, 4, 6, 8)]
+    for name in ("step_0000006.pt", "step_0000008.pt"):
+        x, y = (load_state(run / "ema_snapshots" / name) for run in (straight, resumed))
+        assert x["images"] == y["images"]
+        for p, q in zip(x["averages"], y["averages"], strict=True):
+            for key, value in p.items():
+                torch.testing.assert_close(q[key], value, rtol=1e-3, atol=1e-5)
 
 
 def test_a_checkpoint_written_before_the_fix_still_resumes(tmp_path):

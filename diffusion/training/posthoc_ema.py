@@ -140,9 +140,10 @@ class PostHocEMA(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self.enabled or not state_dict:
-            if self.enabled and self.images == 0:
-                rank_zero_info("post-hoc EMA: the checkpoint tracked none; its averages start at this resume")
+        if not self.enabled:
+            return
+        if not state_dict:  # the checkpoint's run did not track: the averages (and their time) start at the resume
+            rank_zero_info("post-hoc EMA: the checkpoint tracked no averages; they start at this resume")
             return
         if state_dict["sigma_rels"] != self.sigma_rels:
             raise RunError(
