@@ -9,7 +9,9 @@ Trains ``train.py experiment=fashion`` at ``--batch`` and quality.py's learning 
 images from seed 0 with every ``ema_length`` of ``--lengths`` (``sample.py ema_length=...``), with the run's own
 EMA (``callbacks.ema``) and with the raw weights, all from the same checkpoint, and scores them on quality.py's
 cached classifier against the Fashion-MNIST test set. Also times the post-hoc EMA's update and snapshot for this
-network, and measures the snapshots' disk. Writes a JSON and a PNG plot of FID against the EMA length.
+network, and measures the snapshots' disk. ``--reuse`` samples a run trained before under ``--work`` again (its
+training time then from its run folder's first and last files). Writes a JSON and a PNG plot of FID against the
+EMA length.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="0.02,0.03,0.05,0.07,0.10,0.13,0.17,0.22")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--first-core", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="sample the run already trained under --work again")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "posthoc_ema")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "posthoc_ema.json")
@@ -91,10 +94,13 @@ def main() -> None:
         f"optimizer.lr={LR}", f"trainer.max_steps={args.steps}", "dataset.download=false",
         f"callbacks.posthoc_ema.every_n_images={args.every}", *shared, f"hydra.run.dir={run}",
     ]  # fmt: skip
-    started = time.perf_counter()
-    run_jobs({"train": [train]}, 1, args.device == "cpu", args.work, args.first_core)
-    train_seconds = time.perf_counter() - started
     ckpt = run / "checkpoints" / "last.ckpt"
+    started = time.perf_counter()
+    if args.reuse and ckpt.is_file():  # trained before: its time from the run folder's first and last files
+        train_seconds = ckpt.stat().st_mtime - (run / ".hydra" / "config.yaml").stat().st_mtime
+    else:
+        run_jobs({"train": [train]}, 1, args.device == "cpu", args.work, args.first_core)
+        train_seconds = time.perf_counter() - started
     ddim = ["sampler=ddim", "sampler.steps=50"]
     arms = {f"length_{s:g}": [f"ema_length={s}"] for s in lengths} | {"run_ema": [], "raw": ["ema=false"]}
     jobs = {
