@@ -128,11 +128,11 @@ def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, dev
     return {**result, "split": datamodule.split_name(cfg.eval.split), "variance": variance}
 
 
-def use_posthoc_ema(module: DiffusionModule, cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """The post-hoc EMA of length ``cfg.ema_length`` in ``module``, and with ``ema_save`` its checkpoint, written
-    as posthoc_ema.ckpt in ``out`` (the checkpoint with these weights as its EMA weights, for sample.py ckpt=)."""
+def use_posthoc_ema(module: DiffusionModule, checkpoint: dict[str, Any], cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """The post-hoc EMA of length ``cfg.ema_length`` in ``module`` (from ``checkpoint``, the file ``cfg.ckpt``), and
+    with ``ema_save`` its checkpoint, written as posthoc_ema.ckpt in ``out`` (the checkpoint with these weights as its
+    EMA weights, for sample.py ckpt=)."""
     ckpt = Path(cfg.ckpt)
-    checkpoint = load_checkpoint(ckpt)
     folder = Path(cfg.ema_snapshots) if cfg.ema_snapshots else ckpt.resolve().parent.parent / "ema_snapshots"
     info = load_posthoc(module, checkpoint, ckpt, cfg.ema_length, folder)
     print(
@@ -159,8 +159,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             f"pass overwrite=true to replace them, or out_dir=PATH to write elsewhere"
         )
     device = pick_device(cfg.device)
-    module = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last)
-    posthoc = {} if cfg.ema_length is None else use_posthoc_ema(module, cfg, out)
+    checkpoint = load_checkpoint(cfg.ckpt)
+    module = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last, checkpoint=checkpoint)
+    posthoc = {} if cfg.ema_length is None else use_posthoc_ema(module, checkpoint, cfg, out)
     module = module.to(device)
     if cfg.eval is not None and cfg.eval.name == "nll" and module.objective.target == "edm":
         raise RunError(

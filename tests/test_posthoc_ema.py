@@ -229,6 +229,16 @@ def test_snapshots_resume_exactly_and_sample_py_reconstructs_any_length(tmp_path
     folders = sorted(p.name for p in next((straight / "checkpoints").glob("sweep_*")).iterdir() if p.is_dir())
     assert folders == ["dpm_solver_2steps_ema_length=0.03,n=4", "dpm_solver_2steps_ema_length=0.2,n=4"]
 
+    moved = tmp_path / "moved_snapshots"  # a run folder split up: the snapshots found with ema_snapshots=
+    (straight / "ema_snapshots").rename(moved)
+    args = [f"ckpt={ckpt}", "n=2", "sampler.steps=2", "ema_length=0.08", f"out_dir={tmp_path / 'moved'}"]
+    result = run_script("sample.py", *args)
+    assert (
+        result.returncode == 1 and "no post-hoc EMA snapshots in" in result.stderr and "ema_snapshots=" in result.stderr
+    )
+    result = run_script("sample.py", *args, f"ema_snapshots={moved}")
+    assert result.returncode == 0 and "from 3 snapshots" in result.stdout, result.stderr[-3000:]
+
 
 def test_a_run_without_snapshots_says_so(tmp_path):
     run_train(tmp_path / "run", "~callbacks.previews", "trainer.max_steps=1")

@@ -18,7 +18,7 @@ Notation (the paper's):
   as sum_i x_i avg_i with x = A^-1 b, A_ij = <p_i, p_j>, b_i = <p_i, p_target>: the least-squares fit of the
   target profile by the stored ones, the inner products of two profiles in closed form (:func:`profile_dot`).
 
-Everything here is float64 NumPy/PyTorch on plain numbers and tensors; the callback that tracks the averages and
+Everything here is float64 NumPy on plain numbers; the callback that tracks the averages and
 writes the snapshots is :class:`diffusion.training.posthoc_ema.PostHocEMA`.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from torch import Tensor
 
 from diffusion.errors import SettingError
 
@@ -86,16 +85,24 @@ def profile_dot(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray, gamma_b: 
     return (gamma_a + 1) * (gamma_b + 1) * ratio / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b))
 
 
+def _normal_equations(
+    times: Sequence[float], sigma_rels: Sequence[float], target_time: float, target_sigma_rel: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A_ij = <p_i, p_j>, b_i = <p_i, p_target> and <p_target, p_target> for the stored and the target profiles."""
+    t = np.asarray(times, dtype=np.float64)
+    g = gamma_of_sigma_rel(np.asarray(sigma_rels, dtype=np.float64))
+    g_target = float(gamma_of_sigma_rel(target_sigma_rel))
+    gram = profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
+    b = profile_dot(t, g, target_time, g_target)
+    return gram, b, float(profile_dot(target_time, g_target, target_time, g_target))
+
+
 def reconstruction_coefficients(
     times: Sequence[float], sigma_rels: Sequence[float], target_time: float, target_sigma_rel: float
 ) -> np.ndarray:
     """x of Algorithm 3: the coefficients of the stored averages (at ``times``, of lengths ``sigma_rels``, one pair
     per snapshot average) whose combination has the profile closest in L2 to the target's, ``(len(times),)``."""
-    t = np.asarray(times, dtype=np.float64)
-    g = gamma_of_sigma_rel(np.asarray(sigma_rels, dtype=np.float64))
-    g_target = gamma_of_sigma_rel(target_sigma_rel)
-    gram = profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = profile_dot(t, g, target_time, g_target)
+    gram, b, _ = _normal_equations(times, sigma_rels, target_time, target_sigma_rel)
     return np.linalg.lstsq(gram, b, rcond=None)[0]  # lstsq, not solve: two snapshots at one time may be collinear
 
 
@@ -103,29 +110,14 @@ def profile_residual(
     times: Sequence[float], sigma_rels: Sequence[float], target_time: float, target_sigma_rel: float
 ) -> float:
     """||sum_i x_i p_i - p_target|| / ||p_target||: how well the stored profiles can represent the target's."""
-    x = reconstruction_coefficients(times, sigma_rels, target_time, target_sigma_rel)
-    t = np.asarray(times, dtype=np.float64)
-    g = gamma_of_sigma_rel(np.asarray(sigma_rels, dtype=np.float64))
-    g_target = float(gamma_of_sigma_rel(target_sigma_rel))
-    gram = profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = profile_dot(t, g, target_time, g_target)
-    target = float(profile_dot(target_time, g_target, target_time, g_target))
+    gram, b, target = _normal_equations(times, sigma_rels, target_time, target_sigma_rel)
+    x = np.linalg.lstsq(gram, b, rcond=None)[0]
     return float(np.sqrt(max(x @ gram @ x - 2 * x @ b + target, 0.0) / target))
-
-
-def combine(averages: Sequence[dict[str, Tensor]], coefficients: Sequence[float]) -> dict[str, Tensor]:
-    """sum_i x_i avg_i, parameter by parameter, accumulated in float64 and returned in float32."""
-    names = averages[0].keys()
-    return {
-        name: sum(float(x) * avg[name].double() for x, avg in zip(coefficients, averages, strict=True)).float()
-        for name in names
-    }
 
 
 __all__ = [
     "SIGMA_REL_RANGE",
     "check_sigma_rel",
-    "combine",
     "gamma_of_sigma_rel",
     "power_beta",
     "profile_dot",

@@ -88,11 +88,19 @@ def check_resumable(checkpoint: dict[str, Any], hparams: dict[str, Any], path: P
         )
 
 
-def load_model(path: str | Path, ema: bool, *, compile: bool = False, channels_last: bool = False) -> DiffusionModule:
+def load_model(
+    path: str | Path,
+    ema: bool,
+    *,
+    compile: bool = False,
+    channels_last: bool = False,
+    checkpoint: dict[str, Any] | None = None,
+) -> DiffusionModule:
     """The module of a checkpoint, with its EMA weights (``ema``; the checkpoint's ``state_dict``) or its raw
     trained weights (``current_model_state``, which the EMA callback keeps beside them), and the speed switches
-    ``compile`` and ``channels_last`` of the sampling run (they change how fast, not what is computed)."""
-    checkpoint = load_checkpoint(path)
+    ``compile`` and ``channels_last`` of the sampling run (they change how fast, not what is computed).
+    ``checkpoint``: the file at ``path`` already read with :func:`load_checkpoint`."""
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     hparams = checkpoint["hyper_parameters"]
     hparams["model"].update(compile=compile, channels_last=channels_last)
     module = DiffusionModule(**hparams)

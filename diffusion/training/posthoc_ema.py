@@ -186,7 +186,7 @@ def reconstruct(
     tracked, now = [float(s) for s in state["sigma_rels"]], state["images"]
     used = []  # the snapshot files taken before the checkpoint, of the same tracked lengths
     for file in snapshot_paths(folder):
-        snapshot = torch.load(file, map_location="cpu", weights_only=True)
+        snapshot = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # reads no tensor data yet
         if snapshot["images"] < now and [float(s) for s in snapshot["sigma_rels"]] == tracked:
             used.append((file, snapshot["images"]))
     times = [t for _, t in used for _ in tracked] + [now] * len(tracked)
@@ -194,7 +194,11 @@ def reconstruct(
     x = reconstruction_coefficients(times, lengths, now, sigma_rel)
     weights: dict[str, Tensor] = {}
     for k, source in enumerate([file for file, _ in used] + [None]):  # a file at a time: they need not all fit
-        averages = state["averages"] if source is None else torch.load(source, map_location="cpu")["averages"]
+        averages = (
+            state["averages"]
+            if source is None
+            else torch.load(source, map_location="cpu", weights_only=True)["averages"]
+        )
         for i, average in enumerate(averages):
             c = float(x[k * len(tracked) + i])
             for name, value in average.items():  # accumulated in float64
