@@ -6,11 +6,13 @@ denoising-diffusion-pytorch in a plain loop, on Fashion-MNIST, scored on the fea
     python benchmarks/quality.py --device cpu --seconds 1200 --samples 1000   # each system on its own pinned core
     python benchmarks/quality.py --seconds 30 --samples 200 -- model=tiny     # a smoke run (after --: train.py's)
 
-Both systems train on the Fashion-MNIST files of Debian's ``dataset-fashion-mnist`` at batch 128 (``--batch``) and
-this project's learning rate for ``experiment=fashion``: on a GPU one after the other, on a CPU both at once, each
+Both systems train on the Fashion-MNIST files of Debian's ``dataset-fashion-mnist`` at batch 128 (``--batch``), each
+at its own learning rate (this project's for ``experiment=fashion``, lucidrains' ``Trainer`` default, 1e-4, read from
+the library): on a GPU one after the other, on a CPU both at once, each
 pinned to one core with one thread. The time budget counts from the start of each training process, so
 compilation and start-up count as they do for a user. lucidrains' library runs with its own defaults
-(``Unet(dim=64, dim_mults=(1, 2, 4))``, or dim 32 on a CPU, v-prediction, sigmoid schedule, Adam betas (0.9, 0.99),
+(``Unet(dim=64, dim_mults=(1, 2, 4))``, or dim 32 on a CPU, v-prediction, sigmoid schedule, Adam at its Trainer's lr
+and betas (0.9, 0.99),
 clipping at 1, ``EMA(beta=0.995, update_every=10)``) at 28x28; this project with ``experiment=fashion`` and any
 overrides given.
 
@@ -41,7 +43,17 @@ from scoring import at_28, classifier, fashion, npz_images, scores
 
 from diffusion.outputs.writers import grid_image, write_png
 
-LR = train_hparams("experiment=fashion")["optimizer"]["lr"]  # used for both systems
+LR = train_hparams("experiment=fashion")["optimizer"]["lr"]  # this project's, for experiment=fashion
+
+
+def lucidrains_default(name: str):
+    """A default of lucidrains' own ``Trainer`` (its recommended settings: train_lr 1e-4, adam_betas (0.9, 0.99)),
+    read from the installed library so that the peer runs as its users run it, not with this project's settings."""
+    import inspect
+
+    from denoising_diffusion_pytorch import Trainer
+
+    return inspect.signature(Trainer.__init__).parameters[name].default
 
 
 # ---------------------------------------------------------------- the two systems
@@ -82,7 +94,9 @@ def lucidrains_worker(args: argparse.Namespace) -> None:
     model = Unet(dim=args.lucidrains_dim, dim_mults=(1, 2, 4), channels=1)
     diffusion = GaussianDiffusion(model, image_size=28, timesteps=1000, sampling_timesteps=50).to(device)
     ema = EMA(diffusion, beta=0.995, update_every=10).to(device)
-    optimizer = torch.optim.Adam(diffusion.parameters(), lr=LR, betas=(0.9, 0.99))
+    optimizer = torch.optim.Adam(
+        diffusion.parameters(), lr=lucidrains_default("train_lr"), betas=lucidrains_default("adam_betas")
+    )
     images = images.to(device)
     steps = 0
     while (time.perf_counter() - start < args.seconds) if args.steps is None else steps < args.steps:
@@ -190,6 +204,7 @@ def main() -> None:
         "budget": {"seconds": args.seconds} if args.steps is None else {"steps": args.steps},
         "batch": args.batch,
         "lucidrains_dim": args.lucidrains_dim,
+        "lr": {"ours": LR, "lucidrains": lucidrains_default("train_lr")},
         "samples": args.samples,
         "overrides": overrides,
         "classifier_test_accuracy": accuracy,

@@ -60,7 +60,7 @@ def run_arms(args: argparse.Namespace) -> dict[str, dict]:
     jobs = {
         arm: [sample_command(args.ckpt, args.work / arm, args.device, args.samples, ARMS[arm])] for arm in args.arms
     }
-    run_jobs(jobs, args.jobs, args.device == "cpu", args.work)
+    run_jobs(jobs, args.jobs, args.device == "cpu", args.work, args.first_core)
     return {arm: json.loads((args.work / arm / "results.json").read_text()) for arm in args.arms}
 
 
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--jobs", type=int, default=1, help="arms at once (on a CPU: one pinned core each)")
+    parser.add_argument("--first-core", type=int, default=0, help="on a CPU, the jobs' cores start here")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "sampler_quality")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sampler_quality.json")

@@ -218,6 +218,19 @@ def test_samplers_are_deterministic_given_a_seed_and_count_their_evaluations(nam
     assert all(s.x.dtype == torch.float32 for s in steps)
 
 
+@pytest.mark.parametrize("name", list(TOLERANCES))
+def test_one_step_returns_the_prediction_of_x0(name):
+    """Respaced to one step, every sampler jumps from t = T - 1 to the data: one network evaluation (two for the
+    second-order ODE's Heun step), and DDPM's posterior mean at alpha-bar_prev = 1 is the predicted x0 itself."""
+    x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    oracle = GAUSSIAN.denoiser(LINEAR)
+    steps = list(default_sampler(name)(oracle, LINEAR, x_T, steps=1, generator=torch.Generator().manual_seed(1)))
+    assert len(steps) == 1 and steps[0].t == 999
+    if name in ("ddpm", "ddim", "dpm_solver"):
+        expected = oracle(x_T, torch.full((64,), 999)).x0.clamp(-1, 1)
+        torch.testing.assert_close(steps[0].x.double(), expected)
+
+
 def test_ddim_inversion_then_sampling_returns_the_image():
     g = torch.Generator().manual_seed(2)
     images = GAUSSIAN.sample((256, 1, 4, 4), g)

@@ -182,8 +182,11 @@ class NoiseSchedule(nn.Module):
             "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
             "snr": alphas_cumprod / (1.0 - alphas_cumprod),
             "posterior_variance": posterior_variance,
-            # beta-tilde is 0 at t = 0; its log is clipped to the value at t = 1 (improved-diffusion)
-            "posterior_log_variance_clipped": torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+            # beta-tilde is 0 at t = 0; its log is clipped to the value at t = 1 (improved-diffusion), or, for a
+            # schedule of one row (a sampler respaced to one step), to beta_0, the other end of the variance range
+            "posterior_log_variance_clipped": torch.cat(
+                [posterior_variance[1:2] if len(betas) > 1 else betas, posterior_variance[1:]]
+            ).log(),
             # Ho et al. 2020 eq. 7: mu-tilde = coef1 * x_0 + coef2 * x_t
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),

@@ -248,8 +248,11 @@ class DiffusionModule(LightningModule):
         gets wrong (``train/loss_q0`` nearest the data). For EDM, by quartile of the training sigma distribution."""
         if self.loss_by_quartile.update_count == 0:  # a resumed run that starts at the end of an epoch
             return
+        # compute() has already summed the metric over the processes, so every process logs the same values;
+        # sync_dist averages those equal values (four scalars once an epoch) and keeps Lightning from warning, on
+        # every multi-process run, that an epoch-level value is logged unsynchronised
         for q, value in enumerate(self.loss_by_quartile.compute()):
-            self.log(f"train/loss_q{q}", value)
+            self.log(f"train/loss_q{q}", value, sync_dist=True)
         self.loss_by_quartile.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
