@@ -21,8 +21,9 @@ TINY_FEATURES = "eval.feature={_target_:tests.helpers.TinyFeatures}"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
-    """A class-conditional tiny model trained 60 steps on digits (T = 100 keeps the NLL quick), and checkpoints
-    derived from it: the same model untrained, and an unconditional one."""
+    """A class-conditional discrete (eps, linear) model of the default run's size, trained 60 steps on digits
+    (T = 100 keeps the NLL, which needs a discrete model, quick), and checkpoints derived from it: the same model
+    untrained, and an unconditional one. EDM models are sampled in tests/test_edm.py."""
     root = tmp_path_factory.mktemp("trained")
     run = root / "run"
     train(
@@ -32,6 +33,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                 "debug=smoke",
                 "~callbacks.previews",
                 "trainer.max_steps=60",
+                "diffusion=ddpm",
                 "diffusion.timesteps=100",
                 "model.num_classes=10",
                 "callbacks.model_checkpoint.every_n_train_steps=60",
