@@ -15,7 +15,6 @@ from diffusion.training import hparams as layout
 from tests.helpers import ROOT, compose_config, load_state, run_script
 from train import hyperparameters, train
 
-
 # A discrete model, as every checkpoint of the earlier layouts was (the default run is now EDM's)
 SMOKE = ["debug=smoke", "diffusion=ddpm"]
 
