@@ -34,13 +34,15 @@ def decays(steps: int, batch: int, half_life: float, rampup: float | None) -> li
 
 def test_the_default_average_has_forgotten_the_initial_weights_by_the_first_preview(tmp_path):
     """The weight the average still gives to its starting point (the first step's weights) is the product of the
-    decays since; below 1% at the default run's first preview. A fixed decay of 0.995 left 8% there."""
+    decays since; below 1% at the default run's first preview, and far below what the fixed per-step decay of the
+    half-life (0.995 at batch 64) leaves there."""
     cfg = compose_config("train", [], tmp_path)
     ema, batch, first_preview = cfg.callbacks.ema, cfg.dataset.batch_size, cfg.callbacks.previews.every_n_steps
     share = math.prod(decays(first_preview, batch, ema.half_life_images, ema.rampup_ratio))
     assert share < 0.01
     without_warmup = math.prod(decays(first_preview, batch, ema.half_life_images, None))
-    assert without_warmup == pytest.approx(0.995 ** (first_preview - 1), rel=1e-3) and without_warmup > 0.07
+    fixed = 0.5 ** (batch / ema.half_life_images)  # the per-step decay without the warm-up
+    assert without_warmup == pytest.approx(fixed ** (first_preview - 1), rel=1e-9) and share < without_warmup * 1e-6
 
 
 def test_the_half_life_counts_images_not_steps():

@@ -191,8 +191,8 @@ def test_the_readme_sweep_runs_from_any_working_directory(tmp_path):
     result = run_script("train.py", *command[2:], "debug=smoke", "~callbacks.previews", cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(tmp_path.glob("multirun/*/*/*/checkpoints/last.ckpt"))
-    assert len(jobs) == 2, list(tmp_path.rglob("*"))[:20]
-    assert {load_state(j)["hyper_parameters"]["diffusion"]["schedule"] for j in jobs} == {"linear", "cosine"}
+    assert len(jobs) == 3, list(tmp_path.rglob("*"))[:20]
+    assert {load_state(j)["hyper_parameters"]["diffusion"]["target"] for j in jobs} == {"eps", "v", "edm"}
 
 
 def test_an_unwritable_run_folder_is_found_before_training(tmp_path, monkeypatch):

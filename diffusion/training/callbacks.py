@@ -233,6 +233,10 @@ class NonFiniteLossGuard(Callback):
     The check reads the loss on the host only every ``trainer.log_every_n_steps`` steps (when Lightning syncs to log
     anyway) and before every checkpoint is written, so it adds no synchronisation to the other steps. A NaN step
     between two checks therefore never reaches a checkpoint: the last one written holds good weights.
+
+    Before a checkpoint the weights are checked too: an optimizer step can make them infinite while the loss that
+    produced it was still finite (EDM at a huge learning rate does so one step before its loss turns NaN), and a
+    guard that watched only the loss would save them.
     """
 
     def __init__(self) -> None:
@@ -249,15 +253,22 @@ class NonFiniteLossGuard(Callback):
             self._check(trainer)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._check(trainer)
+        self._check(trainer, pl_module)
 
-    def _check(self, trainer: Trainer) -> None:
+    def _check(self, trainer: Trainer, module: LightningModule | None = None) -> None:
         bad = self._bad is not None and bool(self._bad.item())
+        what = "the loss"
+        if module is not None and not bad:
+            # one fused reduction (the largest magnitude per tensor is NaN or inf exactly when an element is), read
+            # once; a sharded strategy checks its own shards and the decision below is taken over all processes
+            peaks = [p.detach().abs().amax().float() for p in module.parameters() if p.numel()]
+            bad = bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all().item())
+            what = "the weights"
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
             raise RunError(
-                f"training stopped: the loss became NaN or infinite between steps {self._checked_step} and "
+                f"training stopped: {what} became NaN or infinite between steps {self._checked_step} and "
                 f"{trainer.global_step}; nothing after step {self._checked_step} was saved and {kept}. Usual causes: "
                 f"a learning rate too high (optimizer.lr), float16 overflow (try trainer.precision=bf16-mixed or "
                 f"32-true), or no gradient clipping (trainer.gradient_clip_val). Fix the setting and resume with "
