@@ -163,19 +163,14 @@ def run_pair(args: argparse.Namespace, overrides: list[str]) -> dict:
     state = torch.load(ours / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     other = torch.load(theirs / "samples.pt", weights_only=True)
     results = {
-        "ours": {
-            "images": npz_images(ours / "samples_ddim50" / "samples.npz"),
-            "steps": state["global_step"],
-            # what the run trained with, overrides included (the preset's lr unless one was given after --)
-            "lr": state["hyper_parameters"]["optimizer"]["lr"],
-            "diffusion": state["hyper_parameters"]["diffusion"],
-        },
+        "ours": {"images": npz_images(ours / "samples_ddim50" / "samples.npz"), "steps": state["global_step"]},
         "lucidrains": {"images": other["images"], "steps": other["steps"], "train_seconds": other["seconds"]},
     }
     if args.fast:
         results["ours_fast"] = {"images": npz_images(ours / "samples_fast" / "samples.npz"), "sampler": "DPM++ 20"}
         results["lucidrains_fast"] = {"images": other["fast_images"], "sampler": "DDIM-20"}
-    return {"systems": results, "wall_seconds": time.perf_counter() - started}
+    # what our run trained with, overrides included (the preset's lr unless one was given after --)
+    return {"systems": results, "wall_seconds": time.perf_counter() - started, "hparams": state["hyper_parameters"]}
 
 
 def main() -> None:
@@ -210,8 +205,8 @@ def main() -> None:
         "budget": {"seconds": args.seconds} if args.steps is None else {"steps": args.steps},
         "batch": args.batch,
         "lucidrains_dim": args.lucidrains_dim,
-        "lr": {"ours": results["ours"].pop("lr"), "lucidrains": lucidrains_default("train_lr")},
-        "diffusion": results["ours"].pop("diffusion"),
+        "lr": {"ours": run["hparams"]["optimizer"]["lr"], "lucidrains": lucidrains_default("train_lr")},
+        "diffusion": run["hparams"]["diffusion"],
         "samples": args.samples,
         "overrides": overrides,
         "classifier_test_accuracy": accuracy,

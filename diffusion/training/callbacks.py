@@ -256,15 +256,16 @@ class NonFiniteLossGuard(Callback):
         self._check(trainer, pl_module)
 
     def _check(self, trainer: Trainer, module: LightningModule | None = None) -> None:
-        bad = self._bad is not None and bool(self._bad.item())
+        decide = functools.partial(trainer.strategy.reduce_boolean_decision, all=False)  # over all processes
+        bad = decide(self._bad is not None and bool(self._bad.item()))
         what = "the loss"
-        if module is not None and not bad:
+        if module is not None and not bad:  # every process takes this branch together, as the decision is shared
             # one fused reduction (the largest magnitude per tensor is NaN or inf exactly when an element is), read
-            # once; a sharded strategy checks its own shards and the decision below is taken over all processes
+            # once; a sharded strategy checks its own shards
             peaks = [p.detach().abs().amax().float() for p in module.parameters() if p.numel()]
-            bad = bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all().item())
+            bad = decide(bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all().item()))
             what = "the weights"
-        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+        if bad:
             last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
             raise RunError(
