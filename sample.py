@@ -20,15 +20,14 @@ from tqdm import tqdm
 
 from diffusion.core.denoiser import SamplingOptions
 from diffusion.core.drawing import Samples, draw
-from diffusion.data.datamodule import DiffusionDataModule
+from diffusion.core.model import DiffusionModel
 from diffusion.errors import RunError, report_errors
+from diffusion.models.checkpoints import MODEL_PREFIX, load_checkpoint, load_model
+from diffusion.models.posthoc_ema import load_posthoc
 from diffusion.outputs.evaluation import fid_against, nll_bits_per_dim
 from diffusion.outputs.reports import results_table
 from diffusion.outputs.writers import atomic_path, write_gif, write_grid, write_images, write_json, write_npz
 from diffusion.settings import SampleSettings, check_sample, config_options
-from diffusion.training.checkpoint_reading import load_checkpoint, load_model
-from diffusion.training.module import DiffusionModule
-from diffusion.training.posthoc_ema import load_posthoc
 
 ConfigStore.instance().store(name="sample_schema", node=SampleSettings)
 OmegaConf.register_new_resolver("options", config_options, replace=True)  # for --help
@@ -49,14 +48,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def class_labels(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor | None:
+def class_labels(cfg: DictConfig, model: DiffusionModel) -> torch.Tensor | None:
     """``(n,)`` labels for a class-conditional model: ``cfg.labels`` (one class, or a list cycled), or every
     class in turn."""
-    if not module.conditional:
+    if not model.conditional:
         if cfg.labels is not None or cfg.guidance != 1.0:
             raise RunError("labels and guidance need a class-conditional model; this one was trained without labels")
         return None
-    classes = module.unet.num_classes
+    classes = model.num_classes
     chosen = list(cfg.labels) if isinstance(cfg.labels, ListConfig) else [cfg.labels] if cfg.labels is not None else []
     chosen = chosen or list(range(classes))
     if any(not isinstance(c, int) or not 0 <= c < classes for c in chosen):
@@ -64,23 +63,22 @@ def class_labels(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor | Non
     return torch.tensor(chosen).repeat(math.ceil(cfg.n / len(chosen)))[: cfg.n]
 
 
-def generate(module: DiffusionModule, cfg: DictConfig, device: torch.device, labels: torch.Tensor | None) -> Samples:
+def generate(model: DiffusionModel, cfg: DictConfig, device: torch.device, labels: torch.Tensor | None) -> Samples:
     """All ``n`` images, with a progress bar; image k depends only on (seed, k), whatever the batch size."""
     sampler = instantiate(cfg.sampler)
     batches = math.ceil(cfg.n / cfg.batch_size)
     autocast = PRECISIONS[str(cfg.precision)]
     with (
         tqdm(total=batches * cfg.sampler.steps, desc="sampling", unit="step", file=sys.stderr) as progress,
-        module.sampling(),
+        model.sampling(),
         torch.autocast(device.type, dtype=autocast, enabled=autocast is not None),
     ):
         return draw(
-            module.denoiser_for(sampling_options(cfg)),
-            module.schedule,
+            model.denoiser_for(sampling_options(cfg)),
             sampler,
             n=cfg.n,
             batch_size=cfg.batch_size,
-            shape=module.image_shape,
+            shape=model.image_shape,
             seed=cfg.seed,
             device=device,
             labels=labels,
@@ -94,17 +92,22 @@ def sampling_options(cfg: DictConfig) -> SamplingOptions:
     return SamplingOptions(guidance=cfg.guidance, clip_x0=cfg.clip_x0, dynamic_threshold=cfg.dynamic_threshold)
 
 
-def dataset_for(hparams: dict[str, Any], cfg: DictConfig) -> DiffusionDataModule:
-    """The training run's dataset and split (its seed is in the checkpoint), from ``data_root`` when given."""
+def dataset_for(hparams: dict[str, Any], cfg: DictConfig) -> Any:
+    """The training run's dataset and split (its seed is in the checkpoint), from ``data_root`` when given: its
+    DataModule, imported here, since only the evaluation reads data (drawing images needs no Lightning)."""
+    from diffusion.data.datamodule import DiffusionDataModule
+
     dataset = dict(hparams["dataset"])
     if cfg.data_root is not None:
         dataset["root"] = cfg.data_root
     return DiffusionDataModule(**dataset)
 
 
-def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, device: torch.device) -> dict:
+def evaluate(
+    cfg: DictConfig, model: DiffusionModel, hparams: dict[str, Any], images: torch.Tensor, device: torch.device
+) -> dict:
     """The metrics of the ``eval`` group: FID/KID of the images against the training images, or the NLL."""
-    datamodule = dataset_for(module.hparams, cfg)
+    datamodule = dataset_for(hparams, cfg)
     if cfg.eval.name == "fid":
         feature = instantiate(cfg.eval.feature) if isinstance(cfg.eval.feature, DictConfig) else int(cfg.eval.feature)
         count = datamodule.split_size("train")
@@ -112,7 +115,7 @@ def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, dev
         real = datamodule.batches("train", cfg.batch_size, count)
         return fid_against(images, real, count, feature, cfg.eval.kid_subset_size, device)
     limit = None if cfg.eval.batches is None else cfg.eval.batches * cfg.batch_size
-    variance = cfg.eval.variance or ("learned" if module.objective.learned_variance else "beta")
+    variance = cfg.eval.variance or ("learned" if model.objective.learned_variance else "beta")
     batches = (
         (x0.to(device), labels.to(device)) for x0, labels in datamodule.batches(cfg.eval.split, cfg.batch_size, limit)
     )
@@ -121,20 +124,20 @@ def evaluate(cfg: DictConfig, module: DiffusionModule, images: torch.Tensor, dev
     options = SamplingOptions(clip_x0=cfg.clip_x0, dynamic_threshold=cfg.dynamic_threshold)  # no guidance
 
     def denoiser_for(labels: torch.Tensor):
-        return module.denoiser(options, labels if module.conditional else None)
+        return model.denoiser(options, labels if model.conditional else None)
 
-    with module.sampling():
-        result = nll_bits_per_dim(denoiser_for, module.schedule, batches, variance, g)
+    with model.sampling():
+        result = nll_bits_per_dim(denoiser_for, model.objective, batches, variance, g)
     return {**result, "split": datamodule.split_name(cfg.eval.split), "variance": variance}
 
 
-def use_posthoc_ema(module: DiffusionModule, checkpoint: dict[str, Any], cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """The post-hoc EMA of length ``cfg.ema_length`` in ``module`` (from ``checkpoint``, the file ``cfg.ckpt``), and
+def use_posthoc_ema(model: DiffusionModel, checkpoint: dict[str, Any], cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """The post-hoc EMA of length ``cfg.ema_length`` in ``model`` (from ``checkpoint``, the file ``cfg.ckpt``), and
     with ``ema_save`` its checkpoint, written as posthoc_ema.ckpt in ``out`` (the checkpoint with these weights as its
     EMA weights, for sample.py ckpt=)."""
     ckpt = Path(cfg.ckpt)
     folder = Path(cfg.ema_snapshots) if cfg.ema_snapshots else ckpt.resolve().parent.parent / "ema_snapshots"
-    info = load_posthoc(module, checkpoint, ckpt, cfg.ema_length, folder)
+    info = load_posthoc(model, checkpoint, ckpt, cfg.ema_length, folder)
     print(
         f"Post-hoc EMA of length {cfg.ema_length:g} at {info['ema_images']:,} training images, from "
         f"{info['ema_snapshots']} snapshots and the checkpoint's averages (profile fit residual "
@@ -142,7 +145,8 @@ def use_posthoc_ema(module: DiffusionModule, checkpoint: dict[str, Any], cfg: Di
     )
     if cfg.ema_save:
         state = {key: checkpoint[key] for key in ("hyper_parameters", "current_model_state") if key in checkpoint}
-        state |= {"state_dict": module.state_dict(), "posthoc_ema": info}
+        weights = {MODEL_PREFIX + name: value for name, value in model.state_dict().items()}  # the module's names
+        state |= {"state_dict": weights, "posthoc_ema": info}
         with atomic_path(out / "posthoc_ema.ckpt") as tmp:
             torch.save(state, tmp)
     return info
@@ -160,21 +164,20 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         )
     device = pick_device(cfg.device)
     checkpoint = load_checkpoint(cfg.ckpt)
-    module = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last, checkpoint=checkpoint)
-    posthoc = {} if cfg.ema_length is None else use_posthoc_ema(module, checkpoint, cfg, out)
-    module = module.to(device)
-    if cfg.eval is not None and cfg.eval.name == "nll" and module.objective.target == "edm":
+    model = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last, checkpoint=checkpoint)
+    if cfg.eval is not None and cfg.eval.name == "nll" and not model.objective.has_variational_bound:
         raise RunError(
             "eval=nll is the discrete variational bound of a model trained at integer timesteps (Ho et al. 2020, "
-            "eq. 5); this checkpoint was trained with diffusion=edm, in continuous noise levels, where that bound "
-            "does not measure the model. Use eval=fid, or a discrete objective (e.g. diffusion=v_prediction) to "
-            "report a likelihood."
+            f"eq. 5); this checkpoint's objective ({checkpoint['hyper_parameters']['diffusion']['_target_']}) has "
+            "none. Use eval=fid, or a discrete objective (e.g. diffusion=v_prediction) to report a likelihood."
         )
-    labels = class_labels(cfg, module)
+    posthoc = {} if cfg.ema_length is None else use_posthoc_ema(model, checkpoint, cfg, out)
+    model = model.to(device)
+    labels = class_labels(cfg, model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    samples = generate(module, cfg, device, labels)
+    samples = generate(model, cfg, device, labels)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -209,7 +212,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     )
     try:
         if cfg.get("eval") is not None:  # the `eval` group, when one was chosen
-            results.update(evaluate(cfg, module, samples.images, device))
+            results.update(evaluate(cfg, model, checkpoint["hyper_parameters"], samples.images, device))
     finally:
         write_json(results, out / "results.json")
     print(results_table([results]))

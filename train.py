@@ -13,8 +13,6 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
@@ -25,21 +23,23 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.tensorboard.summary import hparams as tensorboard_hparams
 
+from diffusion.core.networks.unet import channel_mult_for
 from diffusion.data.datamodule import DiffusionDataModule
-from diffusion.errors import RunError, SettingError, UserError, report_errors
-from diffusion.settings import TrainSettings, check_train, config_options, unet_levels
-from diffusion.training import hparams as layout
-from diffusion.training.checkpoint_reading import check_resumable, find_last_checkpoint, load_checkpoint
+from diffusion.errors import RunError, UserError, report_errors
+from diffusion.models.building import instantiate_setting
+from diffusion.models.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
+from diffusion.models.hparams import from_settings
+from diffusion.settings import TrainSettings, check_sampling_steps, check_train, config_options
 from diffusion.training.module import DiffusionModule
 
 ConfigStore.instance().store(name="train_schema", node=TrainSettings)
 OmegaConf.register_new_resolver("options", config_options, replace=True)  # for --help
-OmegaConf.register_new_resolver("unet_levels", unet_levels, replace=True)  # experiment=folder
+OmegaConf.register_new_resolver("unet_channel_mult", channel_mult_for, replace=True)  # experiment=folder
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """The plain-dict settings that define the model: what the checkpoint keeps to rebuild it."""
-    return layout.from_settings(OmegaConf.to_container(cfg, resolve=True))
+    return from_settings(OmegaConf.to_container(cfg, resolve=True))
 
 
 def checkpoint_to_resume(cfg: DictConfig, hparams: dict[str, Any]) -> str | None:
@@ -61,7 +61,7 @@ def check_settings(cfg: DictConfig) -> None:
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
         settings = OmegaConf.to_container(cfg, resolve=True) if not missing else {}
-    except OmegaConfBaseException as error:  # a resolver's own check (unet_levels): said as the project says it
+    except OmegaConfBaseException as error:  # a resolver's own check (unet_channel_mult): said as the project says it
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, UserError):  # OmegaConf wraps it more than once
             cause = cause.__cause__ or cause.__context__
@@ -69,9 +69,10 @@ def check_settings(cfg: DictConfig) -> None:
             raise cause from None
         raise
     if missing:
+        examples = {"dataset.root": "dataset.root=/path/to/images", "model._target_": "model._target_=mypackage.MyNet"}
+        example = examples.get(missing[0], f"{missing[0]}=VALUE")
         raise RunError(
-            f"{', '.join(missing)} must be given (it has no default): add it to the command line, e.g. "
-            f"python train.py dataset=folder dataset.root=/path/to/images"
+            f"{', '.join(missing)} must be given (it has no default): add it to the command line, e.g. {example}"
         )
     check_train(settings, torch.cuda.is_available())
 
@@ -85,7 +86,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(cfg.seed, workers=True)
     hparams = hyperparameters(cfg)
     datamodule = DiffusionDataModule(**hparams["dataset"])
-    module = DiffusionModule(**hparams)
+    module = DiffusionModule(**hparams)  # builds the network and the objective, which check their own settings
+    check_sampling_steps(OmegaConf.to_container(cfg, resolve=True), module.model.objective.levels.max_steps)
     ckpt_path = checkpoint_to_resume(cfg, hparams)
     callbacks = [build(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c is not None]
     loggers = [build(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c is not None]
@@ -119,19 +121,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def build(key: str, node: DictConfig, **kwargs: Any) -> Any:
-    """``instantiate(node)``, with a value that the class refuses (its argument checks: a ``UserError``, a
-    ``ValueError``, a ``TypeError`` for an unknown argument, Lightning's ``MisconfigurationException``) reported as
-    one paragraph that names the settings' key, instead of Hydra's "Error in call to target" and a traceback. Any
-    other failure is a bug and keeps its traceback."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
-        if not isinstance(cause, UserError | ValueError | TypeError | MisconfigurationException):
-            raise
-        raise SettingError(
-            f"{key}: {cause} (the settings are {key}.KEY=VALUE; python train.py --cfg job shows them all)"
-        ) from None
+    """``instantiate(node)``, a value that the class refuses reported as one paragraph naming the key
+    (:func:`diffusion.models.building.instantiate_setting`), Lightning's ``MisconfigurationException`` included."""
+    return instantiate_setting(key, node, refusals=(MisconfigurationException,), **kwargs)
 
 
 def record_hyperparameters(trainer: Trainer, hparams: dict[str, dict[str, Any]], metrics: dict[str, float]) -> None:

@@ -66,17 +66,17 @@ def train_hparams(*overrides: str) -> dict:
 
 
 def preset_unet(preset: str, image_size: int, channels: int, checkpointing: bool = False) -> torch.nn.Module:
-    """The UNet of ``model=PRESET`` for images of that size and channel count, unconditional, fixed variance
-    (``preset`` ``folder``: ``experiment=folder``'s, with its levels for the size), with ``model.checkpointing``."""
-    from diffusion.core.unet import UNet
-    from diffusion.training.hparams import ModelSpec
+    """The network of ``model=PRESET`` for images of that size and channel count, unconditional, fixed variance
+    (``preset`` ``folder``: ``experiment=folder``'s, with its resolutions for the size), with
+    ``model.checkpointing``."""
+    from diffusion.models.building import build_model
 
     chosen = ["experiment=folder", "dataset.root=unused"] if preset == "folder" else [f"model={preset}"]
     hparams = train_hparams(
-        *chosen, f"dataset.image_size={image_size}", f"dataset.channels={channels}", "model.num_classes=null"
-    )
-    network = ModelSpec.from_hparams(hparams).network
-    return UNet(learned_variance=False, checkpointing=checkpointing, **vars(network))
+        *chosen, f"dataset.image_size={image_size}", f"dataset.channels={channels}", "model.num_classes=null",
+        "diffusion=ddpm", f"model.checkpointing={checkpointing}",
+    )  # fmt: skip
+    return build_model(hparams).network
 
 
 def synchronize(device: torch.device) -> None:

@@ -27,8 +27,9 @@ from common import ROOT, run_jobs, sample_command, train_hparams, write_json
 from omegaconf import OmegaConf
 from scoring import at_28, classifier, fashion, npz_images, scores
 
+from diffusion.models.posthoc_ema import snapshot_paths
 from diffusion.training.module import DiffusionModule
-from diffusion.training.posthoc_ema import PostHocEMA, snapshot_paths
+from diffusion.training.posthoc_ema import PostHocEMA
 
 LR = train_hparams("experiment=fashion")["optimizer"]["lr"]  # quality.py's
 

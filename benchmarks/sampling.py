@@ -25,35 +25,42 @@ from common import ROOT, interleaved, machine, setup_device, table, train_hparam
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.core.drawing import draw
+from diffusion.core.denoiser import Prediction
+from diffusion.core.drawing import CountedDenoiser, draw
+from diffusion.core.model import DiffusionModel
 from diffusion.core.samplers import final
-from diffusion.core.schedules import NoiseSchedule
-from diffusion.core.targets import Prediction
-from diffusion.training.module import DiffusionModule
+from diffusion.models.building import build_model
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "sde", "ode")
 
 
-def build(model: str, compile: bool, channels_last: bool, device: torch.device) -> DiffusionModule:
+def build(model: str, compile: bool, channels_last: bool, device: torch.device) -> DiffusionModel:
     """``model=MODEL`` for 32x32 RGB images with the DDPM objective, in eval mode on ``device``."""
     torch.manual_seed(0)
     hparams = train_hparams(
         f"model={model}", f"model.compile={compile}", f"model.channels_last={channels_last}", "diffusion=ddpm",
         "dataset.image_size=32", "dataset.channels=3", "model.num_classes=null",
     )  # fmt: skip
-    return DiffusionModule(**hparams).to(device).eval()
+    return build_model(hparams).to(device).eval()
 
 
-def evaluations_at(sampler, schedule, steps: int) -> int:
-    """Network evaluations of a run of ``steps`` steps, counted with a trivial denoiser on a 1-pixel image."""
-    calls = [0]
+class Zero:
+    """A trivial denoiser at a model's levels, to count a sampler's network evaluations cheaply."""
 
-    def denoise(x, t):
-        calls[0] += 1
+    rows_per_image = 1
+
+    def __init__(self, levels) -> None:
+        self.levels = levels
+
+    def __call__(self, x, level):
         return Prediction(x0=torch.zeros_like(x), eps=torch.zeros_like(x))
 
-    final(sampler(denoise, NoiseSchedule(schedule.betas.cpu()), torch.zeros(1, 1, 1, 1), steps=steps))
-    return calls[0]
+
+def evaluations_at(sampler, levels, steps: int) -> int:
+    """Network evaluations of a run of ``steps`` steps, counted with a trivial denoiser on a 1-pixel image."""
+    counted = CountedDenoiser(Zero(levels))
+    final(sampler(counted, torch.zeros(1, 1, 1, 1), steps=steps))
+    return counted.rows
 
 
 def main() -> None:
@@ -82,7 +89,6 @@ def main() -> None:
         with module.sampling(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             samples = draw(
                 module.denoiser_for(),
-                module.schedule,
                 sampler,
                 n=args.batch,
                 batch_size=args.batch,
@@ -97,7 +103,7 @@ def main() -> None:
     rows = []
     for name in SAMPLERS:
         per_evaluation = seconds[name] / nfe[name]
-        default_nfe = evaluations_at(samplers[name], module.schedule, default_steps[name])
+        default_nfe = evaluations_at(samplers[name], module.objective.levels, default_steps[name])
         rows.append(
             {
                 "sampler": name,
@@ -165,7 +171,7 @@ def against_lucidrains(args, module, ddim, device: torch.device, dtype) -> list[
 
     def run_ours() -> None:
         with module.sampling(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            draw(module.denoiser_for(), module.schedule, ours, n=args.batch, batch_size=args.batch,
+            draw(module.denoiser_for(), ours, n=args.batch, batch_size=args.batch,
                  shape=(3, 32, 32), seed=1, device=device)  # fmt: skip
 
     def run_theirs() -> None:

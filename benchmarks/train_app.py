@@ -42,8 +42,8 @@ from peak import conv_shapes, measure_peak
 from peers import diffusers_ddpm
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion.core.networks.unet import UNet
 from diffusion.core.schedules import NoiseSchedule, make_betas
-from diffusion.core.unet import UNet
 from diffusion.data.datasets import load_fashion
 
 SIZE, CHANNELS = 32, 1

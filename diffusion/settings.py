@@ -5,12 +5,17 @@ points register them as ``train_schema`` and ``sample_schema``, first in the def
 wrong type or a key that does not exist stops the run when the command line is read, with Hydra's message naming
 the key. No field has a default here: every default lives in the YAML. Ranges and combinations, which a type
 cannot say, are checked by :func:`check_train` and :func:`check_sample` on the plain resolved settings, before any
-work starts; each problem is one :class:`~diffusion.errors.SettingError` that names the key, the value and the fix.
+work starts; each problem is one :class:`~diffusion.errors.SettingError` that names the key, the value and the fix
+(:mod:`diffusion.checks`).
+
+The ``model`` and ``diffusion`` groups are the arguments of the classes they name as ``_target_`` (a network, an
+objective: a user's own as well as this project's), so their keys and values are checked by those classes when
+:func:`diffusion.models.building.build_model` builds them, before any work; here only the keys that the training
+module reads itself are checked (the speed switches and ``diffusion.label_dropout``).
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,16 +23,14 @@ from typing import Any, get_args
 
 from omegaconf import MISSING
 
+from diffusion import checks
 from diffusion.core.denoiser import check_dynamic_threshold
-from diffusion.core.losses import LossType
 from diffusion.core.lr_schedule import LRShape
 from diffusion.core.posthoc_ema import check_sigma_rel
 from diffusion.core.reverse import Variance
 from diffusion.core.samplers.ddim import check_eta
 from diffusion.core.samplers.heun import check_churn
-from diffusion.core.schedules import ScheduleName, Spacing, make_betas
-from diffusion.core.targets import Target
-from diffusion.core.unet import UNet
+from diffusion.core.schedules import Spacing
 from diffusion.errors import RunError, SettingError
 
 
@@ -52,35 +55,6 @@ class DatasetSettings:
 
 
 @dataclass
-class ModelSettings:
-    base_channels: int = MISSING
-    channel_mult: list[int] = MISSING
-    num_res_blocks: int = MISSING
-    attention_resolutions: list[int] = MISSING
-    num_heads: int = MISSING
-    dropout: float = MISSING
-    scale_shift: bool = MISSING
-    num_classes: int | None = MISSING
-    compile: bool = MISSING
-    channels_last: bool = MISSING
-    checkpointing: bool = MISSING
-
-
-@dataclass
-class DiffusionSettings:
-    timesteps: int = MISSING
-    schedule: str = MISSING
-    target: str = MISSING
-    loss: str = MISSING
-    min_snr_gamma: float | None = MISSING
-    learned_variance: bool = MISSING
-    vlb_weight: float = MISSING
-    p_mean: float | None = MISSING
-    p_std: float | None = MISSING
-    label_dropout: float = MISSING
-
-
-@dataclass
 class OptimizerSettings:
     lr: float = MISSING
     betas: list[float] = MISSING
@@ -99,8 +73,9 @@ class TrainSettings:
     resume: bool = MISSING
     cuda_matmul_precision: str = MISSING
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
-    model: ModelSettings = field(default_factory=ModelSettings)
-    diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
+    # a network's and an objective's arguments: whatever their _target_ takes (see the module docstring)
+    model: Any = MISSING
+    diffusion: Any = MISSING
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     # Lightning's and the callbacks' own arguments, checked by check_train and by the classes themselves
     sampler: Any = MISSING
@@ -141,41 +116,12 @@ class SampleSettings:
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# The UNet's levels for an image size, as the reference implementations lay them out: Ho et al. 2020's CIFAR-10
-# network at 32 (four levels, down to 4x4), and openai/guided-diffusion's script_util.create_model at 64, 128 and
-# 256 (four, five and six levels, down to 8x8). Used by experiment=folder as ${unet_levels:${dataset.image_size}}.
-UNET_LEVELS = {32: [1, 2, 2, 2], 64: [1, 2, 3, 4], 128: [1, 1, 2, 3, 4], 256: [1, 1, 2, 2, 4, 4]}
-
-
-def unet_levels(image_size: int) -> list[int]:
-    """``model.channel_mult`` for ``image_size`` (:data:`UNET_LEVELS`); another size gets a message."""
-    if image_size not in UNET_LEVELS:
-        raise SettingError(
-            f"dataset.image_size={image_size} has no preset layout (model.channel_mult follows the image size for "
-            f"{', '.join(map(str, UNET_LEVELS))}); choose one of those sizes, or give the levels yourself, e.g. "
-            f"model.channel_mult=[1,2,2,2] for a size divisible by 8"
-        )
-    return list(UNET_LEVELS[image_size])
-
-
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # where this project trains (Lightning names)
 
 
 def config_options(group: str) -> str:
     """The options of a config group, for the --help text: ``cifar, digits, fashion, folder, mnist``."""
     return ", ".join(sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")))
-
-
-def _fail(key: str, value: Any, why: str, fix: str) -> None:
-    raise SettingError(f"{key}={value!r} {why}; {fix}")
-
-
-def _integer(settings: dict, key: str, minimum: int, fix: str, *, allowed: tuple = ()) -> None:
-    value = _get(settings, key)
-    if value in allowed and not isinstance(value, bool):
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(key, value, f"is not a whole number of at least {minimum}", fix)
 
 
 def _get(settings: dict, key: str) -> Any:
@@ -185,35 +131,16 @@ def _get(settings: dict, key: str) -> Any:
     return node
 
 
+def _integer(settings: dict, key: str, minimum: int, fix: str, *, allowed: tuple = ()) -> None:
+    checks.whole_number(key, _get(settings, key), minimum, fix, allowed=allowed)
+
+
+def _number(settings: dict, key: str, low: float, high: float, fix: str, **ends: bool) -> None:
+    checks.number(key, _get(settings, key), low, high, fix, **ends)
+
+
 def _choice(settings: dict, key: str, choices: tuple) -> None:
-    value = _get(settings, key)
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        _fail(key, value, "is not one of its choices", f"{hint}choose one of {', '.join(map(str, choices))}")
-
-
-def _number(settings: dict, key: str, low: float, high: float, fix: str, *, open_low=False, open_high=False) -> None:
-    """A real number in [low, high] (or open at either end); ``None`` passes where the setting may be null."""
-    value = _get(settings, key)
-    if value is None:
-        return
-    inside = isinstance(value, int | float) and not isinstance(value, bool)
-    inside = inside and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
-    if not inside:
-        where = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        _fail(key, value, f"is not a number in {where}", fix)
-
-
-def _whole_numbers(settings: dict, key: str, minimum: int, fix: str, *, length: int | None = None, at_least=0) -> None:
-    """A list of whole numbers, each at least ``minimum``: of exactly ``length`` elements, or at least ``at_least``."""
-    value = _get(settings, key)
-    good = isinstance(value, list | tuple) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value
-    )
-    if not good or (length is not None and len(value) != length) or len(value) < at_least:
-        size = f"{length}" if length is not None else f"at least {at_least}" if at_least else "any number of"
-        _fail(key, value, f"is not a list of {size} whole numbers of at least {minimum}", fix)
+    checks.choice(key, _get(settings, key), choices)
 
 
 def _by_the_core(key: str, value: Any, check: Callable[[Any], None]) -> None:
@@ -246,74 +173,27 @@ def check_sampler(settings: dict, key: str = "sampler") -> None:
 def check_known_keys(settings: dict, group: str, schema: type) -> None:
     """Keys added with ``+group.key=...`` (Hydra's own hint for a key it does not know) that the group does not
     have: a typo would otherwise reach a constructor as an unexpected argument."""
-    known = [f.name for f in fields(schema)]
-    for key in settings[group]:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {group}.{close[0]}?" if close else f"its settings are {', '.join(known)}"
-            raise SettingError(f"{group}.{key} is not a setting of {group}; {hint}")
+    checks.known_keys(group, settings[group], [f.name for f in fields(schema)])
 
 
-def check_model(settings: dict) -> None:
-    """The UNet's settings, and whether they fit the image size (the UNet's own check, run here before any work)."""
-    _integer(settings, "model.base_channels", 1, "e.g. model.base_channels=64")
-    _whole_numbers(settings, "model.channel_mult", 1, "one multiplier per level, e.g. model.channel_mult=[1,2,2,2]",
-                   at_least=1)  # fmt: skip
-    _integer(settings, "model.num_res_blocks", 1, "e.g. model.num_res_blocks=2")
-    _whole_numbers(settings, "model.attention_resolutions", 1, "feature-map sizes, e.g. [16] or [] for none")
-    _integer(settings, "model.num_heads", 1, "e.g. model.num_heads=1")
-    _number(settings, "model.dropout", 0, 1, "the share of activations dropped, e.g. 0.1", open_high=True)
-    _integer(settings, "model.num_classes", 1, "null for an unconditional model", allowed=(None,))
-    model, dataset = settings["model"], settings["dataset"]
-    UNet.check_arguments(
-        dataset["image_size"], dataset["channels"], model["base_channels"], model["channel_mult"],
-        model["attention_resolutions"], model["num_heads"],
-    )  # fmt: skip
-
-
-def check_objective(settings: dict) -> None:
-    _integer(settings, "diffusion.timesteps", 2, "Ho et al. use diffusion.timesteps=1000")
-    _choice(settings, "diffusion.schedule", get_args(ScheduleName))
-    _choice(settings, "diffusion.target", get_args(Target))
-    _choice(settings, "diffusion.loss", get_args(LossType))
-    diffusion = settings["diffusion"]
-    _number(settings, "diffusion.min_snr_gamma", 0, float("inf"), "null for none, e.g. 5.0", open_low=True)
-    if diffusion["min_snr_gamma"] is not None and diffusion["loss"] != "mse":
-        _fail("diffusion.min_snr_gamma", diffusion["min_snr_gamma"], "weights the mse loss only", "set it to null")
-    if diffusion["target"] == "edm":  # EDM's loss is its own weighted mse, with a fixed variance
-        fix = "diffusion=edm sets the EDM objective whole"
-        for key, allowed in (("loss", "mse"), ("min_snr_gamma", None), ("learned_variance", False)):
-            if diffusion[key] != allowed:
-                why = f"has no meaning for diffusion.target=edm (use {allowed})"
-                _fail(f"diffusion.{key}", diffusion[key], why, fix)
-        for key in ("p_mean", "p_std"):
-            if diffusion[key] is None:
-                _fail(f"diffusion.{key}", None, "is EDM's training distribution of ln sigma", f"{fix} (-1.2 and 1.2)")
-        _number(settings, "diffusion.p_mean", -10, 10, "the paper's is -1.2")
-        _number(settings, "diffusion.p_std", 0, 10, "the paper's is 1.2", open_low=True)
-    else:
-        for key in ("p_mean", "p_std"):
-            if diffusion[key] is not None:
-                why = "sets EDM's training noise levels and has no meaning for the discrete targets"
-                _fail(f"diffusion.{key}", diffusion[key], why, "set it to null, or use diffusion=edm")
-    _number(settings, "diffusion.vlb_weight", 0, float("inf"), "Nichol & Dhariwal's is 0.001")
+def check_module_keys(settings: dict) -> None:
+    """The keys of ``model`` and ``diffusion`` that the training module reads itself, not the network or the
+    objective."""
+    for key in ("compile", "channels_last", "checkpointing"):
+        checks.flag(f"model.{key}", settings["model"].get(key))
     _number(
         settings, "diffusion.label_dropout", 0, 1,
         "it is the share of labels dropped for classifier-free guidance, e.g. 0.1 (1 or more would drop them all)",
         open_high=True,
     )  # fmt: skip
-    try:
-        make_betas(diffusion["schedule"], diffusion["timesteps"])
-    except SettingError as error:
-        raise SettingError(f"diffusion.schedule={diffusion['schedule']!r}: {error}") from None
 
 
 def check_optimizer(settings: dict) -> None:
     _number(settings, "optimizer.lr", 0, float("inf"), "give a learning rate, e.g. optimizer.lr=2e-4", open_low=True)
     betas = settings["optimizer"]["betas"]
-    ok = isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
+    ok = isinstance(betas, list) and len(betas) == 2 and all(checks.is_number(b) and 0 <= b < 1 for b in betas)
     if not ok:
-        _fail("optimizer.betas", betas, "is not two numbers in [0, 1)", "e.g. optimizer.betas=[0.9,0.999]")
+        checks.fail("optimizer.betas", betas, "is not two numbers in [0, 1)", "e.g. optimizer.betas=[0.9,0.999]")
     _number(settings, "optimizer.eps", 0, float("inf"), "e.g. 1e-8", open_low=True)
     _number(settings, "optimizer.weight_decay", 0, float("inf"), "0 for none")
     _integer(settings, "optimizer.warmup_steps", 0, "0 starts at the full learning rate")
@@ -329,7 +209,9 @@ def check_dataset(settings: dict) -> None:
     _integer(settings, "dataset.num_classes", 1, "null for a dataset without classes", allowed=(None,))
     background = settings["dataset"]["background"]
     if not (isinstance(background, list) and len(background) == 3 and all(0 <= v <= 255 for v in background)):
-        _fail("dataset.background", background, "is not an RGB colour", "three values in 0-255, e.g. [255,255,255]")
+        checks.fail(
+            "dataset.background", background, "is not an RGB colour", "three values in 0-255, e.g. [255,255,255]"
+        )
 
 
 def check_callbacks(settings: dict) -> None:
@@ -348,27 +230,43 @@ def check_callbacks(settings: dict) -> None:
     if callbacks.get("model_checkpoint"):
         _integer(settings, "callbacks.model_checkpoint.every_n_train_steps", 0, "0: only last.ckpt, e.g. 1000")
         _integer(settings, "callbacks.model_checkpoint.save_top_k", -1, "-1 keeps every periodic checkpoint")
+    if callbacks.get("previews"):
+        for key in ("num_images", "gif_images"):
+            _integer(settings, f"callbacks.previews.{key}", 1, f"e.g. callbacks.previews.{key}=16")
+        _integer(settings, "callbacks.previews.gif_frames", 0, "0 writes no GIF, e.g. callbacks.previews.gif_frames=40")
+        _integer(settings, "callbacks.previews.steps", 1, "or null for the sampler's own", allowed=(None,))
+        _number(settings, "callbacks.previews.guidance", 0, float("inf"), "1 is no guidance, e.g. 3.0")
+
+
+def check_sampling_steps(settings: dict, max_steps: int | None) -> None:
+    """The steps the callbacks draw with (their own, or the sampler's), at most ``max_steps``, the levels of the
+    objective (its rows, for a discrete one; ``None``: any number)."""
+    if max_steps is None:
+        return
+    for name in ("previews", "fid"):
+        callback = (settings.get("callbacks") or {}).get(name)
+        steps = callback and (callback.get("steps") or settings["sampler"]["steps"])
+        if steps and steps > max_steps:
+            key = f"callbacks.{name}.steps" if callback.get("steps") else "sampler.steps"
+            checks.fail(
+                key, steps, f"is more than the {max_steps} noise levels of this model (diffusion.timesteps)", "lower it"
+            )
 
 
 def check_train(settings: dict, cuda_available: bool) -> None:
-    """The ranges of train.py's settings (plain, resolved)."""
-    for group, schema in (
-        ("dataset", DatasetSettings),
-        ("model", ModelSettings),
-        ("diffusion", DiffusionSettings),
-        ("optimizer", OptimizerSettings),
-    ):
+    """The ranges of train.py's settings (plain, resolved), but for the network's and the objective's own (see the
+    module docstring)."""
+    for group, schema in (("dataset", DatasetSettings), ("optimizer", OptimizerSettings)):
         check_known_keys(settings, group, schema)
     check_dataset(settings)
-    check_model(settings)
-    check_objective(settings)
+    check_module_keys(settings)
     check_optimizer(settings)
     check_callbacks(settings)
-    trainer, optimizer, diffusion = settings["trainer"], settings["optimizer"], settings["diffusion"]
-    max_steps = trainer.get("max_steps")
-    if max_steps == -1:
+    check_sampler(settings)
+    trainer, optimizer = settings["trainer"], settings["optimizer"]
+    if trainer.get("max_steps") == -1:
         if optimizer["lr_schedule"] == "cosine":
-            _fail(
+            checks.fail(
                 "trainer.max_steps",
                 -1,
                 "(no limit) leaves the cosine learning-rate schedule without a length",
@@ -376,32 +274,15 @@ def check_train(settings: dict, cuda_available: bool) -> None:
             )
     else:
         _integer(settings, "trainer.max_steps", 1, "give the number of optimizer steps, e.g. trainer.max_steps=2500")
-    check_sampler(settings)
-    for name in ("previews", "fid"):  # the steps these callbacks draw with: their own, or the sampler's
-        callback = (settings.get("callbacks") or {}).get(name)
-        steps = callback and (callback.get("steps") or settings["sampler"]["steps"])
-        if steps and steps > diffusion["timesteps"]:
-            key = f"callbacks.{name}.steps" if callback.get("steps") else "sampler.steps"
-            _fail(key, steps, f"is more than diffusion.timesteps={diffusion['timesteps']}", "lower it")
-    samples = (settings.get("callbacks") or {}).get("previews")
-    if samples:
-        for key in ("num_images", "gif_images"):
-            _integer(settings, f"callbacks.previews.{key}", 1, f"e.g. callbacks.previews.{key}=16")
-        _integer(settings, "callbacks.previews.gif_frames", 0, "0 writes no GIF, e.g. callbacks.previews.gif_frames=40")
-        if samples.get("steps") is not None:
-            _integer(settings, "callbacks.previews.steps", 1, "or null for the sampler's own")
-        guidance = samples["guidance"]
-        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not guidance >= 0:
-            _fail("callbacks.previews.guidance", guidance, "is not a number >= 0", "1 is no guidance, e.g. 3.0")
     accelerator = str(trainer.get("accelerator", "auto"))
-    _choice({"trainer": {"accelerator": accelerator}}, "trainer.accelerator", ACCELERATORS)
+    checks.choice("trainer.accelerator", accelerator, ACCELERATORS)
     for key in ("log_every_n_steps", "accumulate_grad_batches"):
         if key in trainer:
             _integer(settings, f"trainer.{key}", 1, f"e.g. trainer.{key}=1")
     if "gradient_clip_val" in trainer:
         _number(settings, "trainer.gradient_clip_val", 0, float("inf"), "null or 0 for no clipping, e.g. 1.0")
     if accelerator in ("gpu", "cuda") and not cuda_available:
-        _fail(
+        checks.fail(
             "trainer.accelerator",
             accelerator,
             "asks for a GPU, but PyTorch sees no CUDA device here",
@@ -423,15 +304,19 @@ def check_sample(settings: dict) -> None:
     _integer(settings, "gif_images", 1, "give the images in process.gif, e.g. gif_images=16")
     _integer(settings, "gif_frames", 2, "give the frames of process.gif, e.g. gif_frames=60")
     if not settings["guidance"] >= 0:
-        _fail("guidance", settings["guidance"], "is negative", "1 is no guidance, 0 the unconditional model, e.g. 3.0")
+        checks.fail(
+            "guidance", settings["guidance"], "is negative", "1 is no guidance, 0 the unconditional model, e.g. 3.0"
+        )
     _by_the_core("dynamic_threshold", settings["dynamic_threshold"], check_dynamic_threshold)
     if str(settings["precision"]) not in ("32", "bf16", "16"):
-        _fail("precision", settings["precision"], "is not one of 32, bf16, 16", "e.g. precision=bf16 on a GPU")
+        checks.fail("precision", settings["precision"], "is not one of 32, bf16, 16", "e.g. precision=bf16 on a GPU")
     device = str(settings["device"])
     if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        _fail("device", device, "is not a device", "use auto, cpu, cuda or cuda:N")
+        checks.fail("device", device, "is not a device", "use auto, cpu, cuda or cuda:N")
     if settings["ema_length"] is not None:
         _by_the_core("ema_length", settings["ema_length"], check_sigma_rel)
         if not settings["ema"]:
-            _fail("ema", False, "samples the raw weights, and ema_length reconstructs an average", "leave ema=true")
+            checks.fail(
+                "ema", False, "samples the raw weights, and ema_length reconstructs an average", "leave ema=true"
+            )
     check_sampler(settings)

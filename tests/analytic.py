@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffusion.core.schedules import NoiseSchedule
-from diffusion.core.targets import Denoiser, Prediction
+from diffusion.core.denoiser import Prediction
+from diffusion.core.levels import DiscreteLevels, Level, NoiseLevels
+from diffusion.core.schedules import NoiseSchedule, make_betas
 
 
 @dataclass(frozen=True)
@@ -54,28 +55,30 @@ class GaussianMixture:
         resp = torch.softmax(torch.stack(log_resp), dim=0)
         return (resp * torch.stack(means)).sum(0)
 
-    def denoiser(self, schedule: NoiseSchedule) -> Denoiser:
-        """The optimal denoiser for this data under ``schedule``'s forward process (network timesteps)."""
+    def denoiser(self, levels: NoiseLevels) -> OptimalDenoiser:
+        """The optimal denoiser for this data, evaluated at ``levels`` (a discrete model's rows, or any sigma of a
+        continuous one: E[x_0 | x_t] depends on the level only, whatever the formulation)."""
+        return OptimalDenoiser(self, levels)
 
-        def denoise(x_t: Tensor, t: Tensor) -> Prediction:
-            alpha_bar = NoiseSchedule.at(schedule.alphas_cumprod, t, x_t)
-            x0 = self.posterior_mean(x_t, alpha_bar)
-            return Prediction(x0=x0, eps=(x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt())
 
-        return denoise
+class OptimalDenoiser:
+    """E[x_0 | x_t] of a :class:`GaussianMixture` as a :class:`diffusion.core.denoiser.Denoiser`."""
 
-    def edm_denoiser(self, schedule: NoiseSchedule) -> Denoiser:
-        """The same optimal denoiser as an EDM model offers it: on ``schedule``'s rows, and at any continuous sigma
-        (``at_sigma(x, sigma)`` = E[y | y + sigma n = x] = E[x_0 | x_t = x / sqrt(1 + sigma^2)])."""
-        denoise = self.denoiser(schedule)
+    rows_per_image = 1
 
-        def at_sigma(x: Tensor, sigma: float) -> Tensor:
-            alpha_bar = torch.tensor(1.0 / (1.0 + sigma**2), dtype=torch.float64)
-            return self.posterior_mean(x * alpha_bar.sqrt(), alpha_bar)
+    def __init__(self, data: GaussianMixture, levels: NoiseLevels) -> None:
+        self.data, self.levels = data, levels
 
-        denoise.at_sigma = at_sigma
-        return denoise
+    def __call__(self, x_t: Tensor, level: Level) -> Prediction:
+        alpha_bar = torch.tensor(level.alpha_bar, dtype=x_t.dtype, device=x_t.device)
+        x0 = self.data.posterior_mean(x_t, alpha_bar)
+        return Prediction(x0=x0, eps=(x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt())
 
 
 GAUSSIAN = GaussianMixture(weights=(1.0,), means=(0.3,), stds=(0.5,))
 MIXTURE = GaussianMixture(weights=(0.3, 0.7), means=(-0.6, 0.5), stds=(0.15, 0.2))
+
+
+def schedule_levels(name: str, timesteps: int = 1000) -> DiscreteLevels:
+    """The levels of a discrete model trained on the named beta schedule."""
+    return DiscreteLevels(NoiseSchedule(make_betas(name, timesteps)).alphas_cumprod)

@@ -122,3 +122,16 @@ class TinyFeatures(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 127.5 - 1
         return torch.nn.functional.conv2d(x, self.weight, padding=1).relu().mean(dim=(2, 3))
+
+
+def resume_four_plus_four(overrides: list[str], root: Path) -> tuple[Path, Path]:
+    """train.py with ``overrides`` for 8 steps straight (``root/straight``), and for 4 then resumed to 8 from that
+    checkpoint (``root/resumed``): the two run folders, whose checkpoints an exact resume makes equal."""
+    from train import train  # here, not at the top: tests/test_networks.py's module must not import Lightning
+
+    straight, stopped, resumed = root / "straight", root / "stopped", root / "resumed"
+    train(compose_config("train", [*overrides, "trainer.max_steps=8"], straight))
+    train(compose_config("train", [*overrides, "trainer.max_steps=4"], stopped))
+    ckpt = stopped / "checkpoints" / "last.ckpt"
+    train(compose_config("train", [*overrides, "trainer.max_steps=8", f"ckpt_path={ckpt}"], resumed))
+    return straight, resumed

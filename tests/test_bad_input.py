@@ -27,7 +27,7 @@ CATALOGUE = [
     ("train.py", ["dataset.batch_size=abc"], ["dataset.batch_size", "could not be converted to Integer"]),
     ("train.py", ["+dataset.batchsize=8"], ["error: dataset.batchsize is not a setting", "dataset.batch_size"]),
     ("train.py", ["dataset.batchsize=8"], ["dataset.batchsize", "Key 'batchsize' not in 'DatasetSettings'"]),
-    ("train.py", ["diffusion.label_dropout=2"], ["error: diffusion.label_dropout=2.0", "[0, 1)"]),
+    ("train.py", ["diffusion.label_dropout=2"], ["error: diffusion.label_dropout=2 ", "[0, 1)"]),
     ("train.py", ["optimizer.warmup_steps=-5"], ["error: optimizer.warmup_steps=-5"]),
     ("train.py", ["optimizer.lr=0"], ["error: optimizer.lr=0.0"]),
     ("train.py", ["callbacks.previews.guidance=-2"], ["error: callbacks.previews.guidance=-2"]),
@@ -43,10 +43,11 @@ CATALOGUE = [
     ("sample.py", ["ckpt=CKPT", "sampler.steps=abc"], ["error: sampler.steps='abc'"]),
     ("sample.py", ["ckpt=EDM", "eval=nll"], ["error: eval=nll is the discrete variational bound", "eval=fid"]),
     ("sample.py", ["ckpt=CKPT", "sampler=heun", "sampler.s_churn=-1"], ["error: sampler.s_churn=-1", "at least 0"]),
+    ("train.py", ["diffusion=edm", "diffusion.learned_variance=true"], ["diffusion.learned_variance", "not in struct"]),
     (
         "train.py",
-        ["diffusion=edm", "diffusion.learned_variance=true"],
-        ["error: diffusion.learned_variance=True", "no meaning for diffusion.target=edm"],
+        ["diffusion=edm", "+diffusion.learned_variance=true"],
+        ["error: diffusion.learned_variance is not a setting of diffusion (diffusion.core.objectives.EDM)", "p_mean"],
     ),
     (
         "train.py",
@@ -63,8 +64,8 @@ CATALOGUE = [
     ("train.py", ["diffusion=edm", "diffusion.p_std=0"], ["error: diffusion.p_std=0", "(0, 10]"]),
     (
         "train.py",
-        ["diffusion=ddpm", "diffusion.p_mean=-0.4"],
-        ["error: diffusion.p_mean=-0.4", "no meaning for the discrete", "null"],
+        ["diffusion=ddpm", "+diffusion.p_mean=-0.4"],
+        ["error: diffusion.p_mean is not a setting of diffusion (diffusion.core.objectives.DDPM)", "timesteps"],
     ),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=0"], ["error: sampler.steps=0"]),
     ("sample.py", ["ckpt=CKPT", "batch_size=0"], ["error: batch_size=0"]),
@@ -82,25 +83,42 @@ CATALOGUE = [
     ("sample.py", ["ckpt=CKPT", "dynamic_threshold=99.5"], ["error: dynamic_threshold=99.5", "0.995"]),
     ("sample.py", ["ckpt=CKPT", "sampler=ddpm", "sampler.variance=big"], ["error: sampler.variance='big'", "beta"]),
     # every closed choice, list and range, checked before any work
-    ("train.py", ["diffusion.target=epsilon"], ["error: diffusion.target='epsilon'", "did you mean eps?"]),
-    ("train.py", ["diffusion.loss=l3"], ["error: diffusion.loss='l3'", "mse, l1"]),
-    ("train.py", ["diffusion.schedule=wavy"], ["error: diffusion.schedule='wavy'", "linear, cosine"]),
-    ("train.py", ["diffusion.timesteps=1"], ["error: diffusion.timesteps=1"]),
+    (
+        "train.py",
+        ["diffusion=ddpm", "diffusion.target=epsilon"],
+        ["error: diffusion.target='epsilon'", "did you mean eps?"],
+    ),
+    ("train.py", ["diffusion=ddpm", "diffusion.loss=l3"], ["error: diffusion.loss='l3'", "mse, l1"]),
+    ("train.py", ["diffusion=ddpm", "diffusion.schedule=wavy"], ["error: diffusion.schedule='wavy'", "linear, cosine"]),
+    ("train.py", ["diffusion=ddpm", "diffusion.timesteps=1"], ["error: diffusion.timesteps=1"]),
     (
         "train.py",
         ["diffusion=ddpm", "diffusion.timesteps=10"],
         ["error: diffusion.schedule='linear'", "more than 20 steps"],
     ),
-    ("train.py", ["diffusion.loss=l1", "diffusion.min_snr_gamma=5"], ["error: diffusion.min_snr_gamma=5.0", "mse"]),
+    (
+        "train.py",
+        ["diffusion=ddpm", "diffusion.loss=l1", "diffusion.min_snr_gamma=5"],
+        ["error: diffusion.min_snr_gamma=5 ", "mse"],
+    ),
+    (
+        "train.py",
+        ["diffusion=edm", "diffusion.sigma_max=0.001"],
+        ["error: diffusion.sigma_max=0.001", "above sigma_min"],
+    ),
     ("train.py", ["optimizer.lr_schedule=linear"], ["error: optimizer.lr_schedule='linear'", "constant, cosine"]),
     ("train.py", ["optimizer.betas=[0.9]"], ["error: optimizer.betas=[0.9]", "two numbers"]),
     ("train.py", ["model.channel_mult=[]"], ["error: model.channel_mult=[]", "at least 1 whole numbers"]),
     ("train.py", ["model.channel_mult=[1,0]"], ["error: model.channel_mult=[1, 0]"]),
     ("train.py", ["model.attention_resolutions=[5]"], ["error: model.attention_resolutions [5] are not feature-map"]),
     ("train.py", ["model.dropout=1.5"], ["error: model.dropout=1.5", "[0, 1)"]),
-    ("train.py", ["dataset.channels=2"], ["error: dataset.channels=2", "1 (grayscale) or 3 (RGB)"]),
+    ("train.py", ["dataset.channels=2"], ["error: dataset.channels", "1 (grayscale) or 3 (RGB)"]),
     ("train.py", ["dataset.background=[1,2]"], ["error: dataset.background=[1, 2]", "RGB"]),
-    ("train.py", ["callbacks.previews.steps=5000"], ["error: callbacks.previews.steps=5000", "diffusion.timesteps"]),
+    (
+        "train.py",
+        ["diffusion=ddpm", "callbacks.previews.steps=5000"],
+        ["error: callbacks.previews.steps=5000", "diffusion.timesteps"],
+    ),
     ("train.py", ["callbacks.ema.half_life_images=-5"], ["error: callbacks.ema.half_life_images=-5"]),
     ("train.py", ["callbacks.fid.kid_subset_size=1"], ["error: callbacks.fid.kid_subset_size=1"]),
     ("train.py", ["trainer.accelerator=tpu"], ["error: trainer.accelerator='tpu'", "auto, cpu, gpu"]),
@@ -108,6 +126,13 @@ CATALOGUE = [
     # values a library refuses: the project's paragraph, naming the key, not Hydra's "Error in call to target"
     ("train.py", ["trainer.precision=bogus"], ["error: trainer: Precision 'bogus' is invalid", "trainer.KEY"]),
     ("train.py", ["+callbacks.ema.foo=1"], ["error: callbacks.ema:", "unexpected keyword argument 'foo'"]),
+    # the network and the objective are the classes their _target_ names, with those classes' settings
+    ("train.py", ["model=custom"], ["error: model._target_ must be given", "model._target_=mypackage.MyNet"]),
+    ("train.py", ["model._target_=nowhere.Net"], ["error: model._target_='nowhere.Net' cannot be imported"]),
+    ("train.py", ["diffusion._target_=torch.nn.Identity"], ["error: diffusion._target_='torch.nn.Identity' does not"]),
+    ("train.py", ["diffusion._target_=torch.nn.Linear"], ["error: diffusion.p_mean is not a setting of diffusion"]),
+    ("train.py", ["+model.widht=3"], ["error: model.widht is not a setting of model", "UNet"]),
+    ("train.py", ["model.compile=maybe"], ["error: model.compile='maybe' is not true or false"]),
 ]
 
 
@@ -184,33 +209,34 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, script, argument
 def test_errors_are_the_users_by_their_type_not_by_where_they_were_raised():
     """A SettingError or RunError is reported as one paragraph wherever it comes from; any other error, a
     ValueError of the project's own core included, keeps its traceback."""
-    from diffusion.core.schedules import make_betas
-    from diffusion.core.unet import UNet
+    from diffusion.core.networks.unet import UNet
+    from diffusion.core.objectives import DDPM
     from diffusion.errors import RunError, SettingError, report_errors
 
+    ddpm = dict(timesteps=100, target="eps", loss="mse", min_snr_gamma=None, learned_variance=False, vlb_weight=0.0)
     with pytest.raises(SystemExit):
-        report_errors(lambda: make_betas("wavy", 100))()  # the core's check of a closed choice: reported
+        report_errors(lambda: DDPM(schedule="wavy", **ddpm))()  # the core's check of a closed choice: reported
     with pytest.raises(SystemExit):
         report_errors(lambda: (_ for _ in ()).throw(RunError("no data")))()
     with pytest.raises(ValueError, match="invalid literal"):
         report_errors(lambda: int("abc"))()  # Python's own: raised, with its traceback
     net = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=[1], num_res_blocks=1,
                attention_resolutions=[], num_heads=1, dropout=0.0, scale_shift=False, num_classes=None,
-               learned_variance=False)  # fmt: skip
+               out_channels=1)  # fmt: skip
     with pytest.raises(ValueError, match="expects images of shape") as raised:
         report_errors(lambda: net(torch.zeros(1, 3, 8, 8), torch.zeros(1)))()  # a shape check in the network: a bug
     assert not isinstance(raised.value, SettingError)
 
 
 def test_a_value_error_inside_the_network_mid_run_shows_its_traceback(tmp_path, monkeypatch, capsys):
-    """A bug that makes the UNet's own shape check (in diffusion/core/unet.py) raise ValueError during a training
-    step is not taken for a user's error: it keeps its traceback."""
-    from diffusion.training.module import DiffusionModule
+    """A bug that makes the UNet's own shape check (in diffusion/core/networks/unet.py) raise ValueError during a
+    training step is not taken for a user's error: it keeps its traceback."""
+    from diffusion.core.model import DiffusionModel
 
-    def cropped(self, x_t, t, labels):  # a bug: the images lose a row on their way to the network
-        return self.unet(x_t[:, :, 1:], t, labels)
+    def cropped(self, x_in, noise_conditioning, labels):  # a bug: the images lose a row on their way to the network
+        return self.network(x_in[:, :, 1:], noise_conditioning, labels)
 
-    monkeypatch.setattr(DiffusionModule, "network", cropped)
+    monkeypatch.setattr(DiffusionModel, "network_output", cropped)
     cfg = compose_config("train", ["debug=smoke", "~callbacks.previews"], tmp_path / "run")
     with pytest.raises(ValueError, match="the UNet expects images of shape"):
         train_main.__wrapped__(cfg)  # the task under report_errors, as the command line runs it

@@ -1,19 +1,33 @@
-"""A network as a denoiser: target resolution, classifier-free guidance and clipping."""
+"""A network as a denoiser: the objective's reading of its output, classifier-free guidance and clipping."""
 
 import pytest
 import torch
 
-from diffusion.core.denoiser import dynamic_thresholding, network_denoiser
-from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.core.denoiser import NetworkDenoiser, dynamic_thresholding
+from diffusion.core.objectives import DDPM
 from diffusion.core.targets import from_x0_eps
 
-SCHEDULE = NoiseSchedule(make_betas("linear", 1000))
+
+def ddpm(target="eps", learned_variance=False):
+    return DDPM(
+        timesteps=1000, schedule="linear", target=target, loss="mse", min_snr_gamma=None,
+        learned_variance=learned_variance, vlb_weight=0.001,
+    )  # fmt: skip
+
+
+OBJECTIVE = ddpm()
+SCHEDULE = OBJECTIVE.schedule
+
+
+def denoiser(net, objective=OBJECTIVE, **options):
+    settings = dict(labels=None, guidance=1.0, null_label=None, clip_x0=False, dynamic_threshold=None)
+    return NetworkDenoiser(net, objective, **{**settings, **options})
 
 
 def fake_net(per_label):
     """A 'network' whose eps-output is a fixed image per label (label index into per_label) plus x_t."""
 
-    def net(x, t, labels):
+    def net(x, noise_conditioning, labels):
         return x + per_label[labels].view(-1, 1, 1, 1)
 
     return net
@@ -21,60 +35,60 @@ def fake_net(per_label):
 
 def test_guidance_mixes_conditional_and_unconditional_outputs():
     per_label = torch.tensor([0.1, -0.3, 0.7])  # labels 0, 1 and the null label 2
-    x, t, labels = torch.randn(2, 1, 4, 4), torch.tensor([100, 600]), torch.tensor([0, 1])
+    x, labels = torch.randn(2, 1, 4, 4), torch.tensor([0, 1])
 
     def eps(guidance):
-        den = network_denoiser(
-            fake_net(per_label),
-            SCHEDULE,
-            target="eps",
-            learned_variance=False,
-            clip_x0=False,
-            labels=labels,
-            guidance=guidance,
-            null_label=2,
-        )
-        return den(x, t).eps
+        den = denoiser(fake_net(per_label), labels=labels, guidance=guidance, null_label=2)
+        return den(x, OBJECTIVE.levels.level(600)).eps
 
     torch.testing.assert_close(eps(1.0), x + per_label[labels].view(-1, 1, 1, 1))
     torch.testing.assert_close(eps(0.0), x + 0.7)
     torch.testing.assert_close(eps(3.0), x + 0.7 + 3.0 * (per_label[labels].view(-1, 1, 1, 1) - 0.7))
+    assert denoiser(fake_net(per_label), labels=labels, guidance=3.0, null_label=2).rows_per_image == 2
 
 
 @pytest.mark.parametrize("target", ["eps", "x0", "v", "mu"])
 def test_the_prediction_is_consistent_with_x_t(target):
-    x0, noise, t = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4), torch.tensor([0, 10, 500, 999])
-    x_t = SCHEDULE.q_sample(x0, t, noise)
-    exact = from_x0_eps(SCHEDULE, target, x0, noise, x_t, t)
-    den = network_denoiser(lambda x, tt, y: exact, SCHEDULE, target=target, learned_variance=False, clip_x0=False)
-    pred = den(x_t, t)
-    torch.testing.assert_close(pred.x0, x0, atol=2e-3, rtol=0)
-    torch.testing.assert_close(pred.eps, noise, atol=1e-4, rtol=0)
+    objective = ddpm(target)
+    for step in (0, 10, 500, 999):
+        t = torch.full((4,), step)
+        x0, noise = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4)
+        x_t = SCHEDULE.q_sample(x0, t, noise)
+        exact = from_x0_eps(SCHEDULE, target, x0, noise, x_t, t)
+        pred = denoiser(lambda x, c, y, exact=exact: exact, objective)(x_t, objective.levels.level(step))
+        torch.testing.assert_close(pred.x0, x0, atol=2e-3, rtol=0)
+        torch.testing.assert_close(pred.eps, noise, atol=1e-4, rtol=0)
+
+
+def test_the_network_sees_the_timestep_of_the_level():
+    seen = []
+
+    def net(x, noise_conditioning, labels):
+        seen.append(noise_conditioning)
+        return torch.zeros_like(x)
+
+    denoiser(net)(torch.zeros(3, 1, 2, 2), OBJECTIVE.levels.level(417))
+    assert seen[0].dtype == torch.float32 and seen[0].tolist() == [417.0] * 3
 
 
 def test_clipping_bounds_x0_and_keeps_eps_consistent():
-    x_t, t = 3 * torch.randn(2, 1, 4, 4), torch.tensor([50, 50])
-    den = network_denoiser(
-        lambda x, tt, y: torch.zeros_like(x), SCHEDULE, target="eps", learned_variance=False, clip_x0=True
-    )
-    pred = den(x_t, t)
+    x_t = 3 * torch.randn(2, 1, 4, 4)
+    pred = denoiser(lambda x, c, y: torch.zeros_like(x), clip_x0=True)(x_t, OBJECTIVE.levels.level(50))
     assert pred.x0.abs().max() <= 1
     a, s = SCHEDULE.alphas_cumprod[50].sqrt(), (1 - SCHEDULE.alphas_cumprod[50]).sqrt()
     torch.testing.assert_close(a.float() * pred.x0 + s.float() * pred.eps, x_t)
 
 
 def test_learned_variance_is_read_from_the_second_half():
-    x, t = torch.randn(2, 1, 4, 4), torch.tensor([1, 2])
+    x = torch.randn(2, 1, 4, 4)
     out = torch.cat([torch.zeros_like(x), torch.full_like(x, 0.5)], dim=1)
-    den = network_denoiser(lambda *_: out, SCHEDULE, target="eps", learned_variance=True, clip_x0=False)
-    torch.testing.assert_close(den(x, t).var_frac, torch.full_like(x, 0.75))
+    den = denoiser(lambda *_: out, ddpm(learned_variance=True))
+    torch.testing.assert_close(den(x, OBJECTIVE.levels.level(1)).var_frac, torch.full_like(x, 0.75))
 
 
 def test_guidance_without_labels_is_refused():
     with pytest.raises(ValueError, match="needs class labels"):
-        network_denoiser(
-            fake_net(torch.zeros(3)), SCHEDULE, target="eps", learned_variance=False, clip_x0=False, guidance=2.0
-        )
+        denoiser(fake_net(torch.zeros(3)), guidance=2.0)
 
 
 def test_dynamic_thresholding_follows_saharia_et_al():
@@ -92,21 +106,12 @@ def test_dynamic_thresholding_follows_saharia_et_al():
 
 
 def test_the_denoiser_thresholds_x0_and_keeps_eps_consistent():
-    x_t, t = 3 * torch.randn(2, 1, 4, 4), torch.tensor([50, 50])
-    den = network_denoiser(
-        lambda x, tt, y: torch.zeros_like(x),
-        SCHEDULE,
-        target="eps",
-        learned_variance=False,
-        clip_x0=True,
-        dynamic_threshold=0.995,
-    )
-    pred = den(x_t, t)
+    x_t = 3 * torch.randn(2, 1, 4, 4)
+    den = denoiser(lambda x, c, y: torch.zeros_like(x), clip_x0=True, dynamic_threshold=0.995)
+    pred = den(x_t, OBJECTIVE.levels.level(50))
     a, s = SCHEDULE.alphas_cumprod[50].sqrt().float(), (1 - SCHEDULE.alphas_cumprod[50]).sqrt().float()
     torch.testing.assert_close(pred.x0, dynamic_thresholding(x_t / a, 0.995))
     assert not torch.equal(pred.x0, (x_t / a).clamp(-1, 1))  # the threshold, not the plain clip
     torch.testing.assert_close(a * pred.x0 + s * pred.eps, x_t)
     with pytest.raises(ValueError, match="percentile"):
-        network_denoiser(
-            lambda *_: x_t, SCHEDULE, target="eps", learned_variance=False, clip_x0=False, dynamic_threshold=99.5
-        )
+        denoiser(lambda *_: x_t, dynamic_threshold=99.5)

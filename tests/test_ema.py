@@ -128,13 +128,13 @@ def test_the_update_never_reads_a_device_value_on_the_host(tmp_path):
 
 def test_the_ema_offers_its_weights_for_sampling(tmp_path):
     module = DiffusionModule(**hyperparameters(compose_config("train", [], tmp_path)))
-    assert module.weights_for_sampling() is module
+    assert module.weights_for_sampling() is module.model
     ema = EMA(half_life_images=100, rampup_ratio=0.05)
     ema.setup(fake_trainer(0), module, "fit")
-    assert module.weights_for_sampling() is ema.averaged_module
-    assert copy.deepcopy(module).weights_for_sampling() is not ema.averaged_module  # copies do not carry it
+    assert module.weights_for_sampling() is ema.averaged_module.model
+    assert copy.deepcopy(module).weights_for_sampling() is not ema.averaged_module.model  # copies do not carry it
     ema.teardown(fake_trainer(0), module, "fit")
-    assert module.weights_for_sampling() is module
+    assert module.weights_for_sampling() is module.model
 
 
 def test_bad_ema_settings_are_refused():

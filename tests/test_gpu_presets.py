@@ -8,10 +8,15 @@ from typing import ClassVar
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch import Callback
+from omegaconf import OmegaConf
 
-from diffusion.core.samplers.base import respaced
-from diffusion.core.schedules import NoiseSchedule, make_betas
+from diffusion.core.denoiser import SamplingOptions
+from diffusion.core.levels import DiscreteLevels
+from diffusion.core.samplers import final
+from diffusion.core.samplers.base import walked
+from diffusion.core.schedules import NoiseSchedule, make_betas, spaced_timesteps
 from diffusion.training.callbacks import Previews
 from diffusion.training.module import DiffusionModule
 from tests.helpers import compose_config, load_state, run_script
@@ -135,22 +140,33 @@ def test_schedules_are_built_and_respaced_on_the_device_of_their_betas():
     """On ``meta`` (as on CUDA) a tensor created on the CPU and mixed with the tables raises."""
     meta = NoiseSchedule(make_betas("linear", 100).to("meta"))
     assert {t.device.type for t in meta.buffers()} == {"meta"}
+    cpu = NoiseSchedule(make_betas("cosine", 100))
     moved = NoiseSchedule(make_betas("cosine", 100)).to("meta")
     for steps, spacing in [(10, "uniform"), (7, "quadratic")]:
-        schedule = respaced(moved, steps, spacing)
+        schedule = moved.respace(spaced_timesteps(cpu.alphas_cumprod, steps, spacing))
         assert len(schedule) == steps and {t.device.type for t in schedule.buffers()} == {"meta"}
+    grid = [level for level in DiscreteLevels(cpu.alphas_cumprod).grid(5, "uniform")]
+    assert {t.device.type for t in walked(grid, "meta").buffers()} == {"meta"}
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_the_training_loss_runs_on_the_meta_device(tmp_path, conditional):
-    overrides = ["model.num_classes=10"] if conditional else []
+@pytest.mark.parametrize(("diffusion", "conditional"), [("ddpm", False), ("improved", True), ("edm", True)])
+def test_training_and_every_sampler_run_on_the_meta_device(tmp_path, diffusion, conditional):
+    """Every tensor of the training loss and of each sampler's steps is made on the model's device, whatever the
+    objective (a tensor made on the CPU and mixed in would raise here, as it would on CUDA)."""
+    overrides = [f"diffusion={diffusion}", *(["model.num_classes=10"] if conditional else [])]
     module = DiffusionModule(**hyperparameters(compose_config("train", overrides, tmp_path))).to("meta")
     x0 = torch.empty(3, 1, 16, 16, device="meta")
     labels = torch.zeros(3, dtype=torch.long, device="meta")
-    t = torch.zeros(3, dtype=torch.long, device="meta")
+    level = module.model.objective.training_levels(3, torch.device("meta"))
     drop = torch.zeros(3, dtype=torch.bool, device="meta") if conditional else None
-    terms = module._losses(x0, labels, t, torch.empty_like(x0), drop)
+    terms = module.losses(x0, labels, level, torch.empty_like(x0), drop)
     assert terms["loss"].device.type == "meta" and terms["loss"].shape == (3,)
+    denoise = module.model.denoiser(
+        SamplingOptions(guidance=2.0 if conditional else 1.0), labels if conditional else None
+    )
+    for name in ("ddpm", "ddim", "dpm_solver", "sde", "ode", "heun"):
+        sampler = instantiate(OmegaConf.load(f"configs/sampler/{name}.yaml"), steps=3)
+        assert final(sampler(denoise, torch.empty(3, 1, 16, 16, device="meta"))).device.type == "meta"
 
 
 # ---------------------------------------------------------------- optional extras

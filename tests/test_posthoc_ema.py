@@ -22,7 +22,8 @@ from diffusion.core.posthoc_ema import (
     sigma_rel_of_gamma,
 )
 from diffusion.errors import SettingError
-from diffusion.training.posthoc_ema import PostHocEMA, reconstruct, snapshot_paths
+from diffusion.models.posthoc_ema import reconstruct, snapshot_paths
+from diffusion.training.posthoc_ema import PostHocEMA
 from tests.helpers import compose_config, load_state, run_script
 from train import train
 

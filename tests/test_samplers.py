@@ -13,6 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.distributions import Normal
 
+from diffusion.core.denoiser import Prediction
+from diffusion.core.drawing import CountedDenoiser
 from diffusion.core.samplers import (
     ddim_invert,
     ddim_sample,
@@ -22,11 +24,9 @@ from diffusion.core.samplers import (
     ode_sample,
     sde_sample,
 )
-from diffusion.core.schedules import NoiseSchedule, make_betas
-from diffusion.core.targets import Prediction
-from tests.analytic import GAUSSIAN, MIXTURE
+from tests.analytic import GAUSSIAN, MIXTURE, schedule_levels
 
-LINEAR = NoiseSchedule(make_betas("linear", 1000))
+LINEAR = schedule_levels("linear")
 
 
 # The configured spacings of DDIM (uniform) and DPM-Solver++ (log-SNR) were chosen for the samples of real networks
@@ -59,10 +59,10 @@ def check_distribution(data, out, *, mean_tol, std_tol, ks_tol, weight_tol):
         assert abs((flat < -0.05).double().mean().item() - data.weights[0]) < weight_tol
 
 
-def draw(data, sampler, shape=(20_000, 1, 2, 2), schedule=LINEAR, seed=1, **options):
+def draw(data, sampler, shape=(20_000, 1, 2, 2), levels=LINEAR, seed=1, **options):
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(shape, generator=g, dtype=torch.float64)
-    return final(sampler(data.denoiser(schedule), schedule, x_T, generator=g, **options))
+    return final(sampler(data.denoiser(levels), x_T, generator=g, **options))
 
 
 # name -> tolerances (mean, std, KS, mode weight); DDIM 50 and DPM-Solver++ 20 carry their known bias
@@ -89,15 +89,14 @@ def test_the_configured_spacings_stay_close_to_the_data(name, schedule):
     """At the configured spacing the discretisation bias is larger (measured: a KS distance up to 0.026 and a std
     off by up to 0.029 of 0.5), but a wrong coefficient would still be far outside these bounds."""
     for data in (GAUSSIAN, MIXTURE):
-        out = draw(data, default_sampler(name), schedule=NoiseSchedule(make_betas(schedule, 1000)))
+        out = draw(data, default_sampler(name), levels=schedule_levels(schedule))
         check_distribution(data, out, mean_tol=0.01, std_tol=0.04, ks_tol=0.035, weight_tol=0.015)
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpm_solver", "ode"])
 def test_fast_samplers_also_reproduce_the_data_on_the_cosine_schedule(name):
-    cosine = NoiseSchedule(make_betas("cosine", 1000))
     _, std_tol, ks_tol, weight_tol = TOLERANCES[name]
-    out = draw(MIXTURE, default_sampler(name, ACCURATE_SPACING.get(name)), schedule=cosine)
+    out = draw(MIXTURE, default_sampler(name, ACCURATE_SPACING.get(name)), levels=schedule_levels("cosine"))
     check_distribution(MIXTURE, out, mean_tol=0.01, std_tol=std_tol * 1.5, ks_tol=ks_tol, weight_tol=weight_tol * 1.5)
 
 
@@ -110,9 +109,7 @@ def test_predictor_corrector_sampling_reproduces_the_data(data):
 
 
 def _max_error(sampler, steps, reference, x_T, spacing):
-    return (
-        (final(sampler(GAUSSIAN.denoiser(LINEAR), LINEAR, x_T, steps=steps, spacing=spacing)) - reference).abs().max()
-    )
+    return (final(sampler(GAUSSIAN.denoiser(LINEAR), x_T, steps=steps, spacing=spacing)) - reference).abs().max()
 
 
 @pytest.mark.parametrize(
@@ -130,7 +127,7 @@ def test_deterministic_samplers_converge_at_their_order(sampler, spacing, order)
     flow is smooth everywhere, where the mixture's separates the modes along a sharp ridge."""
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(2000, 1, 2, 2, generator=g, dtype=torch.float64)
-    reference = final(ode_sample(GAUSSIAN.denoiser(LINEAR), LINEAR, x_T, steps=1000, spacing="logsnr"))
+    reference = final(ode_sample(GAUSSIAN.denoiser(LINEAR), x_T, steps=1000, spacing="logsnr"))
     coarse, fine = (_max_error(sampler, n, reference, x_T, spacing) for n in (40, 80))
     assert 2**order * 0.8 < coarse / fine < 2**order * 1.35
 
@@ -140,13 +137,10 @@ def test_ddim_with_eta_one_is_ddpm_with_beta_tilde():
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(64, 1, 4, 4, generator=g, dtype=torch.float64)
     den = MIXTURE.denoiser(LINEAR)
-    a = final(
-        ddim_sample(den, LINEAR, x_T, steps=25, spacing="uniform", eta=1.0, generator=torch.Generator().manual_seed(5))
-    )
+    a = final(ddim_sample(den, x_T, steps=25, spacing="uniform", eta=1.0, generator=torch.Generator().manual_seed(5)))
     b = final(
         ddpm_sample(
             den,
-            LINEAR,
             x_T,
             steps=25,
             spacing="uniform",
@@ -162,18 +156,23 @@ def test_learned_variance_at_its_ends_is_beta_tilde_and_beta():
     x_T = torch.randn(16, 1, 4, 4, generator=g, dtype=torch.float64)
     oracle = GAUSSIAN.denoiser(LINEAR)
 
-    def with_frac(frac):
-        def denoise(x, t):
-            p = oracle(x, t)
-            return Prediction(p.x0, p.eps, torch.full_like(x, frac))
+    class WithFrac:
+        levels, rows_per_image = LINEAR, 1
 
-        return denoise
+        def __init__(self, frac):
+            self.frac = frac
+
+        def __call__(self, x, level):
+            p = oracle(x, level)
+            return Prediction(p.x0, p.eps, torch.full_like(x, self.frac))
+
+    def with_frac(frac):
+        return WithFrac(frac)
 
     def run(den, variance):
         return final(
             ddpm_sample(
                 den,
-                LINEAR,
                 x_T,
                 steps=20,
                 spacing="uniform",
@@ -191,29 +190,23 @@ def test_learned_variance_at_its_ends_is_beta_tilde_and_beta():
 @pytest.mark.parametrize("name", list(TOLERANCES))
 def test_samplers_are_deterministic_given_a_seed_and_count_their_evaluations(name):
     sampler = default_sampler(name)
-    calls = []
     oracle = MIXTURE.denoiser(LINEAR)
-
-    def counting(x, t):
-        calls.append(int(t[0]))
-        return oracle(x, t)
+    counting = CountedDenoiser(oracle)
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
         x_T = torch.randn(8, 1, 4, 4, generator=g)
-        return list(sampler(counting, LINEAR, x_T, generator=g, steps=10))
+        return list(sampler(counting, x_T, generator=g, steps=10))
 
     steps = run(3)
-    assert len(steps) == 10 and steps[-1].t == 0 and steps[0].t == 999
+    assert len(steps) == 10 and steps[-1].level.timestep == 0 and steps[0].level.timestep == 999
     expected_calls = {"ode": 19}.get(name, 10)
-    assert len(calls) == expected_calls
+    assert counting.rows == 8 * expected_calls
     again, other = final(run(3)), final(run(4))
     assert torch.equal(steps[-1].x, again) and not torch.equal(again, other)
     # with the same x_T, only the stochastic samplers depend on the generator
     x_T = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(3))
-    one, two = (
-        final(sampler(oracle, LINEAR, x_T, steps=10, generator=torch.Generator().manual_seed(s))) for s in (1, 2)
-    )
+    one, two = (final(sampler(oracle, x_T, steps=10, generator=torch.Generator().manual_seed(s))) for s in (1, 2))
     assert torch.equal(one, two) == (name in ("ddim", "dpm_solver", "ode"))
     assert all(s.x.dtype == torch.float32 for s in steps)
 
@@ -224,10 +217,10 @@ def test_one_step_returns_the_prediction_of_x0(name):
     second-order ODE's Heun step), and DDPM's posterior mean at alpha-bar_prev = 1 is the predicted x0 itself."""
     x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     oracle = GAUSSIAN.denoiser(LINEAR)
-    steps = list(default_sampler(name)(oracle, LINEAR, x_T, steps=1, generator=torch.Generator().manual_seed(1)))
-    assert len(steps) == 1 and steps[0].t == 999
+    steps = list(default_sampler(name)(oracle, x_T, steps=1, generator=torch.Generator().manual_seed(1)))
+    assert len(steps) == 1 and steps[0].level.timestep == 999
     if name in ("ddpm", "ddim", "dpm_solver"):
-        expected = oracle(x_T, torch.full((64,), 999)).x0.clamp(-1, 1)
+        expected = oracle(x_T, LINEAR.level(999)).x0.clamp(-1, 1)
         torch.testing.assert_close(steps[0].x.double(), expected)
 
 
@@ -237,8 +230,8 @@ def test_ddim_inversion_then_sampling_returns_the_image():
     den = GAUSSIAN.denoiser(LINEAR)
     errors = []
     for steps in (50, 100, 200):
-        noise = final(ddim_invert(den, LINEAR, images, steps=steps, spacing="quadratic"))
-        back = final(ddim_sample(den, LINEAR, noise, steps=steps, spacing="quadratic", eta=0.0))
+        noise = final(ddim_invert(den, images, steps=steps, spacing="quadratic"))
+        back = final(ddim_sample(den, noise, steps=steps, spacing="quadratic", eta=0.0))
         errors.append((back - images).abs().mean().item())
         assert abs(noise.std().item() - 1) < 0.06  # the codes are standard normal
     assert errors[-1] < 0.01 and (back - images).abs().max() < 0.05
@@ -250,17 +243,15 @@ def test_float32_sampling_matches_float64():
     x_T = torch.randn(500, 1, 2, 2, generator=g, dtype=torch.float64)
     for name in ("ddim", "dpm_solver", "ode"):
         sampler = default_sampler(name)
-        hi = final(sampler(MIXTURE.denoiser(LINEAR), LINEAR, x_T))
-        lo = final(sampler(MIXTURE.denoiser(LINEAR), LINEAR, x_T.float()))
+        hi = final(sampler(MIXTURE.denoiser(LINEAR), x_T))
+        lo = final(sampler(MIXTURE.denoiser(LINEAR), x_T.float()))
         assert (hi - lo.double()).abs().max() < 1e-4
 
 
 def test_bad_sampler_options_are_refused():
     x_T = torch.randn(2, 1, 2, 2)
     with pytest.raises(ValueError, match="eta must lie in"):
-        final(ddim_sample(GAUSSIAN.denoiser(LINEAR), LINEAR, x_T, steps=10, spacing="uniform", eta=1.5))
+        final(ddim_sample(GAUSSIAN.denoiser(LINEAR), x_T, steps=10, spacing="uniform", eta=1.5))
     with pytest.raises(ValueError, match="between 1 and T"):
-        final(dpm_solver_sample(GAUSSIAN.denoiser(LINEAR), LINEAR, x_T, steps=0, spacing="uniform"))
-    assert math.isfinite(
-        final(ode_sample(GAUSSIAN.denoiser(LINEAR), LINEAR, x_T, steps=1, spacing="uniform")).sum().item()
-    )
+        final(dpm_solver_sample(GAUSSIAN.denoiser(LINEAR), x_T, steps=0, spacing="uniform"))
+    assert math.isfinite(final(ode_sample(GAUSSIAN.denoiser(LINEAR), x_T, steps=1, spacing="uniform")).sum().item())

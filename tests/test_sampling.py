@@ -11,13 +11,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion.core.drawing import BLOCK, ImageNoise, draw
-from diffusion.core.schedules import NoiseSchedule, make_betas
 from sample import sample
-from tests.analytic import MIXTURE
+from tests.analytic import MIXTURE, schedule_levels
 from tests.helpers import CONFIGS, compose_config
 from train import train
 
-SCHEDULE = NoiseSchedule(make_betas("linear", 200))
+LEVELS = schedule_levels("linear", 200)
 SAMPLERS = ["ddpm", "ddim", "dpm_solver", "sde", "ode", "heun"]
 
 
@@ -34,24 +33,24 @@ def configured(name: str, **options):
 
 
 def oracle(labels):
-    return MIXTURE.denoiser(SCHEDULE)
+    return MIXTURE.denoiser(LEVELS)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_image_k_depends_only_on_the_seed_and_k(name):
     n, sampler = 70, configured(name)
     common = dict(n=n, shape=(1, 3, 3), seed=5, device="cpu")
-    runs = {b: draw(oracle, SCHEDULE, sampler, batch_size=b, **common).images for b in (1, 7, 64)}
+    runs = {b: draw(oracle, sampler, batch_size=b, **common).images for b in (1, 7, 64)}
     assert torch.equal(runs[1], runs[7]) and torch.equal(runs[1], runs[64])
     # two processes, each drawing every other image in batches of its own size
     shares = [
-        draw(oracle, SCHEDULE, sampler, batch_size=b, indices=range(r, n, 2), **{**common, "n": len(range(r, n, 2))})
+        draw(oracle, sampler, batch_size=b, indices=range(r, n, 2), **{**common, "n": len(range(r, n, 2))})
         for r, b in ((0, 9), (1, 4))
     ]
     together = torch.empty_like(runs[1])
     together[0::2], together[1::2] = shares[0].images, shares[1].images
     assert torch.equal(together, runs[1])
-    other_seed = draw(oracle, SCHEDULE, sampler, batch_size=64, **{**common, "seed": 6}).images
+    other_seed = draw(oracle, sampler, batch_size=64, **{**common, "seed": 6}).images
     assert not torch.equal(other_seed, runs[1])
 
 
@@ -68,7 +67,6 @@ def test_network_evaluations_are_counted_and_frames_thinned():
     steps = []
     samples = draw(
         oracle,
-        SCHEDULE,
         configured("ode"),
         n=5,
         batch_size=2,
@@ -90,12 +88,11 @@ def test_labels_reach_the_denoiser_with_their_images():
 
     def denoiser_for(labels):
         seen.append(labels.tolist())
-        return MIXTURE.denoiser(SCHEDULE)
+        return MIXTURE.denoiser(LEVELS)
 
     labels = torch.arange(5)
     draw(
         denoiser_for,
-        SCHEDULE,
         configured("ddim"),
         n=5,
         batch_size=2,

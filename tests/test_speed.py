@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion.core.drawing import draw
-from diffusion.core.unet import Dropout, UNet
+from diffusion.core.networks.unet import Dropout, UNet
 from diffusion.training.module import DiffusionModule
 from tests.helpers import compose_config
 from train import hyperparameters
@@ -21,25 +21,17 @@ from train import hyperparameters
 def module(tmp_path, *overrides: str) -> DiffusionModule:
     torch.manual_seed(0)
     net = DiffusionModule(**hyperparameters(compose_config("train", ["model.dropout=0.0", *overrides], tmp_path)))
-    for p in net.unet.parameters():  # away from the zero initialisation, so that every layer matters
+    for p in net.model.network.parameters():  # away from the zero initialisation, so that every layer matters
         p.data.add_(0.02 * torch.randn(p.shape))  # drawn in logical order, whatever the memory format
     return net
 
 
-def fixed_batch():
+def loss_of(net: DiffusionModule) -> torch.Tensor:
+    """The per-image losses of a fixed batch, at fixed noise levels and noise."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
-    return (
-        x0,
-        torch.zeros(8, dtype=torch.long),
-        torch.randint(0, 1000, (8,), generator=g),
-        torch.randn(8, 1, 16, 16, generator=g),
-    )
-
-
-def loss_of(net: DiffusionModule) -> torch.Tensor:
-    x0, labels, t, noise = fixed_batch()
-    return net._losses(x0, labels, t, noise, None)["loss"]
+    level = net.model.objective.training_levels(8, torch.device("cpu"), g)
+    return net.losses(x0, torch.zeros(8, dtype=torch.long), level, torch.randn(8, 1, 16, 16, generator=g), None)["loss"]
 
 
 def test_bf16_autocast_gives_the_fp32_loss_within_bf16_tolerance(tmp_path):
@@ -52,12 +44,12 @@ def test_bf16_autocast_gives_the_fp32_loss_within_bf16_tolerance(tmp_path):
 
 def test_channels_last_gives_the_same_loss_and_gradients(tmp_path):
     plain, fast = module(tmp_path), module(tmp_path, "model.channels_last=true")
-    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.model.network.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     a, b = loss_of(plain), loss_of(fast)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     a.mean().backward()
     b.mean().backward()
-    for (name, p), q in zip(plain.unet.named_parameters(), fast.unet.parameters(), strict=True):
+    for (name, p), q in zip(plain.model.network.named_parameters(), fast.model.network.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -83,17 +75,15 @@ def test_compiled_and_eager_agree_on_loss_and_samples(tmp_path):
         torch.testing.assert_close(loss_of(compiled), loss_of(eager), rtol=1e-4, atol=1e-5)
     sampler = functools.partial(instantiate(OmegaConf.load("configs/sampler/ddim.yaml")), steps=5)
     a, b = [], []
-    for m, out in ((eager, a), (compiled, b)):
+    for m, out in ((eager.model, a), (compiled.model, b)):
         with m.sampling():
             out.append(
-                draw(
-                    m.denoiser_for(), m.schedule, sampler, n=8, batch_size=8, shape=m.image_shape, seed=2, device="cpu"
-                ).images
+                draw(m.denoiser_for(), sampler, n=8, batch_size=8, shape=m.image_shape, seed=2, device="cpu").images
             )
     a, b = a[0], b[0]
     assert (a.int() - b.int()).abs().max() <= 1  # uint8 images: at most one level apart from rounding
     copy_ = copy.deepcopy(compiled)  # an EMA copy compiles its own function, bound to its own weights
-    assert "_compiled_unet" in compiled.__dict__ and "_compiled_unet" not in copy_.__dict__
+    assert "_compiled_network" in compiled.model.__dict__ and "_compiled_network" not in copy_.model.__dict__
 
 
 def test_cpu_dropout_keeps_the_right_fraction_and_the_mean():
@@ -144,8 +134,9 @@ def test_the_unet_compiles_to_one_graph_while_training_with_dropout():
     ``torch.compile`` the standard dropout takes its place."""
     torch.manual_seed(0)
     settings = OmegaConf.to_container(OmegaConf.load("configs/model/small.yaml"))
+    settings.pop("_target_")
     settings.update(num_classes=None, base_channels=32)
-    unet = UNet(image_size=16, in_channels=1, learned_variance=False, **settings).train()
+    unet = UNet(image_size=16, in_channels=1, out_channels=1, **settings).train()
     assert settings["dropout"] > 0
     explanation = torch._dynamo.explain(unet)(torch.randn(2, 1, 16, 16), torch.tensor([3, 700]))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]

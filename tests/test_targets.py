@@ -1,4 +1,4 @@
-"""Prediction targets: exact conversions between eps, x0, v, mu and EDM's F, for every schedule."""
+"""Prediction targets of the DDPM family: exact conversions between eps, x0, v and mu, for every schedule."""
 
 import itertools
 
@@ -48,10 +48,7 @@ def test_targets_are_the_published_definitions():
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_float32_round_trips_are_exact_to_float32_precision(name):
     """A -> B -> A in float32 loses only the rounding of the float32 intermediate B, amplified by the conversion:
-    |dA| = (k_A / k_B) |dB| at fixed x_t, with k the x0-error scale. The bound is 16 roundings of that. Through edm
-    it also counts the rounding of the float32 pair (x0, eps) that every conversion goes through: F = (x0 - (c_skip
-    / a) x_t) / c_out carries x0's rounding times k_edm = 1 / c_out (1000 at sigma = 0.002) and the way back times
-    k_A / k_edm, so k_A roundings of x0 more (for the other targets that term is already inside the gain)."""
+    |dA| = (k_A / k_B) |dB| at fixed x_t, with k the x0-error scale. The bound is 16 roundings of that."""
     schedule, t, x0, eps, x_t = _setup(name)
     unit = torch.finfo(torch.float32).eps
     x_t32 = x_t.float()
@@ -62,8 +59,7 @@ def test_float32_round_trips_are_exact_to_float32_precision(name):
         back = from_x0_eps(schedule, a_kind, *to_x0_eps(schedule, b_kind, b, x_t32, t), x_t32, t)
         gain = x0_error_scale(schedule, a_kind, t) / x0_error_scale(schedule, b_kind, t)
         scale = torch.stack([_per_sample_max(a), _per_sample_max(b.double()), _per_sample_max(x_t)]).max(0).values
-        pair_rounding = x0_error_scale(schedule, a_kind, t) if "edm" in (a_kind, b_kind) else 0.0
-        bound = 16 * unit * (1 + gain + pair_rounding) * scale
+        bound = 16 * unit * (1 + gain) * scale
         error = _per_sample_max(back.double() - a)
         worst = (error / bound).max().item()
         assert worst <= 1.0, f"{a_kind} -> {b_kind} -> {a_kind}: error {worst:.2f} x the float32 bound"

@@ -5,18 +5,21 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion.core.losses import training_losses
+from diffusion.core.networks.unet import Downsample, ResBlock, UNet, timestep_embedding
 from diffusion.core.schedules import NoiseSchedule, make_betas
-from diffusion.core.unet import Downsample, ResBlock, UNet, timestep_embedding
 
 
-def preset(name, **overrides):
-    """A UNet built from configs/model/NAME.yaml, as the training application builds it."""
+def preset(name, checkpointing=False, **overrides):
+    """A UNet built from configs/model/NAME.yaml with the settings every network shares (configs/train.yaml's
+    model.num_classes), as the training application builds it."""
     config = OmegaConf.to_container(OmegaConf.load(f"configs/model/{name}.yaml"))
+    config.pop("_target_")
+    config.update(num_classes=None, image_size=32, in_channels=3)
     config.update(overrides)
-    config.setdefault("image_size", 32)
-    config.setdefault("in_channels", 3)
-    config.setdefault("learned_variance", False)
-    return UNet(**config)
+    config.setdefault("out_channels", config["in_channels"])
+    net = UNet(**config)
+    net.checkpointing = checkpointing
+    return net
 
 
 def n_params(module):
@@ -62,7 +65,7 @@ def test_activation_checkpointing_recomputes_the_blocks_and_gives_the_same_gradi
         loss = net(x, t).square().mean()
         loss.backward()
         blocks = len([m for m in net.modules() if isinstance(m, ResBlock)])
-        assert len(calls) == blocks * (2 if checkpointing else 1)
+        assert len(calls) == blocks * (2 if checkpointing else 1) and net.checkpointing == checkpointing
         results.append((loss.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
@@ -107,7 +110,7 @@ def test_wrong_inputs_get_clear_errors():
     net = preset("tiny", image_size=16, in_channels=1)
     with pytest.raises(ValueError, match=r"expects images of shape \(B, 1, 16, 16\), got \(2, 3, 16, 16\)"):
         net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="one timestep per image"):
+    with pytest.raises(ValueError, match="one noise level per image"):
         net(torch.randn(2, 1, 16, 16), torch.tensor([1]))
     with pytest.raises(ValueError, match="unconditional"):
         net(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 1]))
@@ -116,8 +119,8 @@ def test_wrong_inputs_get_clear_errors():
         conditional(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]))
 
 
-def test_learned_variance_doubles_the_output_channels():
-    net = preset("tiny", image_size=16, in_channels=3, learned_variance=True)
+def test_the_output_has_the_channels_the_objective_asks_for():
+    net = preset("tiny", image_size=16, in_channels=3, out_channels=6)
     assert net(torch.randn(1, 3, 16, 16), torch.tensor([5])).shape == (1, 6, 16, 16)
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffusion.core.denoiser import Denoiser, Prediction
 from diffusion.core.images import to_uint8
+from diffusion.core.levels import Level
 from diffusion.core.samplers.base import Sampler, SamplerStep
-from diffusion.core.schedules import NoiseSchedule
-from diffusion.core.targets import Denoiser, Prediction
 from diffusion.errors import SettingError
 
 BLOCK = 32  # images per noise generator
@@ -58,6 +58,18 @@ class ImageNoise:
         return self.randn(x.shape, x.dtype)
 
 
+class CountedDenoiser:
+    """A :class:`~diffusion.core.denoiser.Denoiser` that counts the rows it sends through the network."""
+
+    def __init__(self, denoise: Denoiser) -> None:
+        self.denoise, self.levels, self.rows_per_image = denoise, denoise.levels, denoise.rows_per_image
+        self.rows = 0
+
+    def __call__(self, x_t: Tensor, level: Level) -> Prediction:
+        self.rows += x_t.shape[0] * self.rows_per_image
+        return self.denoise(x_t, level)
+
+
 @dataclass(frozen=True)
 class Samples:
     """images: ``(n, C, H, W)`` uint8 on the CPU. frames: the reverse process of the first ``frame_images`` images,
@@ -71,7 +83,6 @@ class Samples:
 
 def draw(
     denoiser_for: Callable[[Tensor | None], Denoiser],
-    schedule: NoiseSchedule,
     sampler: Sampler,
     *,
     n: int,
@@ -106,23 +117,18 @@ def draw(
         batch = indices[start : start + batch_size]
         noise = ImageNoise(seed, batch, device)
         batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
-        denoise = denoiser_for(batch_labels)
-
-        def counted(x_t: Tensor, t: Tensor, denoise: Denoiser = denoise) -> Prediction:
-            nonlocal calls
-            calls += x_t.shape[0] * getattr(denoise, "rows_per_image", 1)
-            return denoise(x_t, t)
-
+        denoise = CountedDenoiser(denoiser_for(batch_labels))
         x_T = noise.randn((len(batch), *shape))
-        steps = sampler(counted, schedule, x_T, generator=noise)
-        last, batch_frames = _run(steps, frames if start == 0 else 0, frame_images, on_step)
+        trajectory = sampler(denoise, x_T, generator=noise)
+        last, batch_frames = _run(trajectory, frames if start == 0 else 0, frame_images, on_step)
         images.append(to_uint8(last.x).cpu())
         kept = kept or batch_frames
+        calls += denoise.rows
     return Samples(torch.cat(images), kept, calls / n)
 
 
 def _run(
-    steps: Iterable[SamplerStep],
+    trajectory: Iterable[SamplerStep],
     frames: int,
     frame_images: int,
     on_step: Callable[[SamplerStep], None] | None,
@@ -132,7 +138,7 @@ def _run(
     needed have been kept, and states are then kept half as often)."""
     kept: list[Tensor] = []
     stride, last = 1, None
-    for i, step in enumerate(steps):
+    for i, step in enumerate(trajectory):
         last = step
         if on_step is not None:
             on_step(step)

@@ -7,16 +7,15 @@ so that a loss does not change scale with the image size.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from diffusion.core.reverse import Variance, p_mean_variance
+from diffusion.core.denoiser import Prediction
+from diffusion.core.reverse import p_mean_variance
 from diffusion.core.schedules import NoiseSchedule
-from diffusion.core.targets import Denoiser, Prediction, Target, from_x0_eps, to_x0_eps, x0_error_scale
-from diffusion.errors import SettingError
+from diffusion.core.targets import Target, from_x0_eps, to_x0_eps, x0_error_scale
 
 LossType = Literal["mse", "l1"]
 LN2 = math.log(2.0)
@@ -75,26 +74,6 @@ def prior_bpd(schedule: NoiseSchedule, x0: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, variance.log(), torch.zeros_like(mean), torch.zeros_like(mean))) / LN2
 
 
-def vlb_terms_bpd(
-    denoise: Denoiser,
-    schedule: NoiseSchedule,
-    x0: Tensor,
-    variance: Variance,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[int, Tensor]]:
-    """Yields ``(row, L_row)`` for every row of ``schedule`` from the last to 0, each ``(B,)`` in bits per
-    dimension: one network evaluation per term at a fresh x_t ~ q(x_t | x_0) (improved-diffusion's
-    ``calc_bpd_loop``). ``schedule`` may be respaced: the denoiser sees the network timestep of each row. Their sum
-    plus :func:`prior_bpd` is the negative variational bound on log p(x_0), the NLL in bits/dim that papers report."""
-    for step in reversed(range(len(schedule))):
-        row = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = schedule.q_sample(x0, row, noise)
-        prediction = denoise(x_t, schedule.network_timesteps[row])
-        mean, log_variance = p_mean_variance(schedule, prediction, x_t, row, variance)
-        yield step, vb_terms_bpd(schedule, x0, x_t, row, mean, log_variance)
-
-
 def min_snr_weight(schedule: NoiseSchedule, target: Target, t: Tensor, gamma: float) -> Tensor:
     """Min-SNR-gamma weighting (Hang et al. 2023): the loss in x_0 space weighted by min(SNR_t, gamma), expressed
     for the network's target: min(SNR_t, gamma) / k_t^2, where |target error| = k_t |x_0 error|. This gives
@@ -119,28 +98,22 @@ def training_losses(
     """Per-sample training losses for the network ``output`` at x_t = q_sample(x0, t, noise), each ``(B,)``.
 
     ``simple``: L_simple of Ho et al. 2020, eq. 14, generalised to any target, as MSE or L1, optionally min-SNR
-    weighted. With ``learned_variance`` (output has 2C channels: target, then v in [-1, 1]) the hybrid objective of
-    Nichol & Dhariwal 2021, §3.1: ``loss = simple + vlb_weight * T * L_t``, where L_t (``vb``) is the bound's term
-    at t computed with the mean's output detached, so it trains only the variance; T * L_t estimates L_vlb.
+    weighted (MSE only). With ``learned_variance`` (output has 2C channels: the target, then the variance
+    interpolation in [-1, 1]) the hybrid objective of Nichol & Dhariwal 2021, §3.1: ``loss = simple + vlb_weight * T *
+    L_t``, where L_t (``vb``) is the bound's term at t computed with the mean's output detached, so it trains only the
+    variance; T * L_t estimates L_vlb.
     """
     var_frac = None
     if learned_variance:
         if output.shape[1] != 2 * x0.shape[1]:
             raise ValueError(f"a learned-variance model must output 2 x {x0.shape[1]} channels, got {output.shape[1]}")
-        output, v = output.chunk(2, dim=1)
-        var_frac = (v + 1.0) / 2.0
+        output, var_output = output.chunk(2, dim=1)
+        var_frac = (var_output + 1.0) / 2.0
     if output.shape != x0.shape:
         raise ValueError(f"the network output has shape {tuple(output.shape)}, expected {tuple(x0.shape)}")
     error = output - from_x0_eps(schedule, target, x0, noise, x_t, t)
-    if loss == "mse":
-        simple = mean_flat(error**2)
-    elif loss == "l1":
-        simple = mean_flat(error.abs())
-    else:
-        raise SettingError(f"unknown loss {loss!r}; choose mse or l1")
-    if min_snr_gamma is not None:
-        if loss != "mse":
-            raise SettingError("min-SNR weighting (diffusion.min_snr_gamma) is defined for the mse loss only")
+    simple = mean_flat(error**2) if loss == "mse" else mean_flat(error.abs())
+    if min_snr_gamma is not None:  # mse only: the objective's settings check says so
         simple = simple * min_snr_weight(schedule, target, t, min_snr_gamma).to(simple.dtype)
     terms = {"simple": simple}
     if var_frac is not None:

@@ -2,7 +2,8 @@
 Hellsten, Aila and Laine 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", Section 3 and
 Appendix C).
 
-Notation (the paper's):
+Notation (the paper's, except that its training time t is written ``time`` in the code, since ``t`` is a network
+timestep everywhere else in this project):
 
 - t: training time, measured here in training images (any unit gives the same profiles: they are scale-free).
 - A power-function average at time t weighs the weights of time tau in [0, t] by the profile
@@ -76,24 +77,25 @@ def profile_weights(step_ends: Sequence[float], gamma: float) -> np.ndarray:
     return np.diff(cumulative, prepend=0.0)
 
 
-def profile_dot(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray, gamma_b: np.ndarray) -> np.ndarray:
+def profile_dot(time_a: np.ndarray, gamma_a: np.ndarray, time_b: np.ndarray, gamma_b: np.ndarray) -> np.ndarray:
     """<p_{t_a,gamma_a}, p_{t_b,gamma_b}> = integral over [0, min(t_a, t_b)] of the product of the two profiles:
     (g_a + 1)(g_b + 1) m^(g_a + g_b + 1) / ((g_a + g_b + 1) t_a^(g_a + 1) t_b^(g_b + 1)), m = min(t_a, t_b),
     written with ratios at most one so that large exponents do not overflow. Broadcasts."""
-    t_a, gamma_a, t_b, gamma_b = (np.asarray(v, dtype=np.float64) for v in (t_a, gamma_a, t_b, gamma_b))
-    ratio = np.where(t_a < t_b, (t_a / t_b) ** gamma_b, (t_b / t_a) ** gamma_a)  # (m / t_b)^g_b (m / t_a)^g_a ...
-    return (gamma_a + 1) * (gamma_b + 1) * ratio / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b))
+    time_a, gamma_a, time_b, gamma_b = (np.asarray(v, dtype=np.float64) for v in (time_a, gamma_a, time_b, gamma_b))
+    # (m / t_b)^g_b (m / t_a)^g_a, one of the two ratios being 1
+    ratio = np.where(time_a < time_b, (time_a / time_b) ** gamma_b, (time_b / time_a) ** gamma_a)
+    return (gamma_a + 1) * (gamma_b + 1) * ratio / ((gamma_a + gamma_b + 1) * np.maximum(time_a, time_b))
 
 
 def _normal_equations(
     times: Sequence[float], sigma_rels: Sequence[float], target_time: float, target_sigma_rel: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """A_ij = <p_i, p_j>, b_i = <p_i, p_target> and <p_target, p_target> for the stored and the target profiles."""
-    t = np.asarray(times, dtype=np.float64)
+    time = np.asarray(times, dtype=np.float64)
     g = gamma_of_sigma_rel(np.asarray(sigma_rels, dtype=np.float64))
     g_target = float(gamma_of_sigma_rel(target_sigma_rel))
-    gram = profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = profile_dot(t, g, target_time, g_target)
+    gram = profile_dot(time[:, None], g[:, None], time[None, :], g[None, :])
+    b = profile_dot(time, g, target_time, g_target)
     return gram, b, float(profile_dot(target_time, g_target, target_time, g_target))
 
 

@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffusion.core.denoiser import Prediction
 from diffusion.core.schedules import NoiseSchedule
-from diffusion.core.targets import Prediction
 from diffusion.errors import SettingError
 
 Variance = Literal["beta", "beta_tilde", "learned"]

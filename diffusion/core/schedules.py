@@ -13,9 +13,9 @@ not accumulate rounding error in products such as ``alpha_bar``.
 
 Rows and timesteps. Every table is indexed by its rows. On the schedule a network is trained on, row t is the
 network timestep t, so the math that takes a schedule calls its index ``t`` (targets, reverse process, losses). A
-sampler walks a respaced schedule (:meth:`NoiseSchedule.respace`) with rows ``0 .. steps-1``, whose
-``network_timesteps[row]`` is the timestep the network sees. Code that holds both calls the respaced schedule
-``walked`` and its index ``row``, and keeps ``t`` for the network timestep.
+sampler walks a schedule of its own levels (:meth:`NoiseSchedule.respace`, :meth:`NoiseSchedule.from_alpha_bar`)
+with rows ``0 .. steps-1``; code that holds both calls that schedule ``walked`` and its index ``row``, and keeps ``t``
+for the network timestep.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from diffusion.core.edm import edm_alpha_bar
 from diffusion.errors import SettingError
 
-ScheduleName = Literal["linear", "cosine", "sigmoid", "quadratic", "edm"]
+ScheduleName = Literal["linear", "cosine", "sigmoid", "quadratic"]
 Spacing = Literal["uniform", "quadratic", "logsnr", "trailing"]
 
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021, §3.2: clip betas to avoid a singularity at t = T
@@ -74,29 +73,17 @@ def sigmoid_betas(T: int) -> Tensor:
     return betas_from_alpha_bar(alpha_bar.clamp(min=1e-9))
 
 
-def edm_betas(T: int) -> Tensor:
-    """EDM's sigma grid (Karras et al. 2022, eq. 5: sigma from 0.002 to 80, rho = 7) as T rows, alpha_bar =
-    1 / (1 + sigma^2) (:func:`diffusion.core.edm.edm_alpha_bar`): the table a ``target=edm`` model is sampled on
-    by the samplers that walk rows. Training such a model draws its sigmas from a distribution, not from here."""
-    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), edm_alpha_bar(T)])
-    return betas_from_alpha_bar(alpha_bar)
-
-
 SCHEDULES = {
     "linear": linear_betas,
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
     "quadratic": quadratic_betas,
-    "edm": edm_betas,
 }
 
 
 def make_betas(name: ScheduleName, T: int) -> Tensor:
-    """The named schedule for ``T`` steps, float64 of shape ``(T,)``."""
-    if name not in SCHEDULES:
-        raise SettingError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    if T < 2:
-        raise SettingError(f"the number of diffusion steps must be at least 2, got {T}")
+    """The named schedule for ``T`` steps, float64 of shape ``(T,)``. ``T`` at least 2 is the caller's to check
+    (:class:`diffusion.core.objectives.DDPM` checks ``diffusion.timesteps``)."""
     betas = SCHEDULES[name](T)
     if betas.max() >= 1:
         raise SettingError(
@@ -106,9 +93,9 @@ def make_betas(name: ScheduleName, T: int) -> Tensor:
     return betas
 
 
-def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> list[int]:
-    """``steps`` increasing timesteps of ``schedule``, always including the last; all but ``trailing`` include the
-    first.
+def spaced_timesteps(alphas_cumprod: Tensor, steps: int, spacing: Spacing) -> list[int]:
+    """``steps`` increasing timesteps of the schedule with ``alphas_cumprod`` (float64 ``(T,)``), always including
+    the last; all but ``trailing`` include the first.
 
     ``uniform``: evenly spaced in t (improved-diffusion's ``space_timesteps``); ``quadratic``: evenly spaced in
     sqrt(t) (Song et al. 2021, DDIM, §D.2), dense near the data; ``logsnr``: evenly spaced in log-SNR (Lu et al.
@@ -117,8 +104,8 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> l
     Flawed", Table 2; lucidrains' DDIM steps the same way). Where rounding makes two equal, later ones move up, so
     all are distinct.
     """
-    T = len(schedule)
-    if not 1 <= steps <= T:
+    T = len(alphas_cumprod)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise SettingError(f"the number of sampling steps must be between 1 and T = {T}, got {steps}")
     if steps == 1:
         return [T - 1]
@@ -129,7 +116,8 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> l
     elif spacing == "trailing":
         points = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).flip(0)
     elif spacing == "logsnr":
-        log_snr = schedule.snr.log().cpu().flip(0)  # increasing, from t = T - 1 down to t = 0
+        alpha_bar = alphas_cumprod.cpu().to(torch.float64)
+        log_snr = (alpha_bar / (1.0 - alpha_bar)).log().flip(0)  # increasing, from t = T - 1 down to t = 0
         targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
         points = _interp(targets, log_snr, torch.arange(T - 1, -1, -1, dtype=torch.float64))
     else:
@@ -255,6 +243,11 @@ class NoiseSchedule(nn.Module):
         if chosen[0] < 0 or chosen[-1] >= len(self):
             raise ValueError(f"respaced timesteps must lie in [0, {len(self) - 1}]")
         index = torch.tensor(chosen, dtype=torch.long, device=self.betas.device)
-        alpha_bar = self.alphas_cumprod[index]
+        return NoiseSchedule.from_alpha_bar(self.alphas_cumprod[index], self.network_timesteps[index])
+
+    @staticmethod
+    def from_alpha_bar(alpha_bar: Tensor, network_timesteps: Tensor | None = None) -> NoiseSchedule:
+        """The schedule whose rows have the given alpha_bar (float64, decreasing): beta_i = 1 - alpha_bar_i /
+        alpha_bar_{i-1}, alpha_bar_{-1} = 1. The schedule a sampler walks, from the levels it visits."""
         alphas = alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        return NoiseSchedule(1.0 - alphas, self.network_timesteps[index], alphas)
+        return NoiseSchedule(1.0 - alphas, network_timesteps, alphas)

@@ -14,12 +14,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
-from diffusion.errors import RunError
+from diffusion.core.denoiser import Denoiser
 from diffusion.core.images import to_uint8
-from diffusion.core.losses import prior_bpd, vlb_terms_bpd
+from diffusion.core.objectives import Objective
 from diffusion.core.reverse import Variance
-from diffusion.core.schedules import NoiseSchedule
-from diffusion.core.targets import Denoiser
+from diffusion.errors import RunError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -73,23 +72,24 @@ class ImageMetrics(nn.Module):
 
 def nll_bits_per_dim(
     denoiser_for: Callable[[Tensor | None], Denoiser],
-    schedule: NoiseSchedule,
+    objective: Objective,
     batches: Iterable[tuple[Tensor, Tensor]],
     variance: Variance,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """The negative variational bound on log p(x0) in bits per dimension over ``batches`` of ``(x0 in [-1, 1],
-    labels)``: the sum of all T terms and the prior (improved-diffusion's ``calc_bpd_loop``), one network evaluation
-    per term and image. ``denoiser_for(labels)`` gives the denoiser for a batch. Returns the mean and its standard
-    error over images, with the prior, decoder (t = 0) and KL parts."""
+    labels)``: the sum of all T terms of an objective that has one (``has_variational_bound``) and the prior
+    (improved-diffusion's ``calc_bpd_loop``), one network evaluation per term and image. ``denoiser_for(labels)``
+    gives the denoiser for a batch. Returns the mean and its standard error over images, with the prior, decoder
+    (t = 0) and KL parts."""
     totals, priors, decoders = [], [], []
     progress = tqdm(desc="NLL: terms of the bound", unit="term", file=sys.stderr)
     for x0, labels in batches:
         terms = {}
-        for t, term in vlb_terms_bpd(denoiser_for(labels), schedule, x0, variance, generator):
+        for t, term in objective.vlb_terms_bpd(denoiser_for(labels), x0, variance, generator):
             terms[t] = term
             progress.update(1)
-        prior = prior_bpd(schedule, x0)
+        prior = objective.prior_bpd(x0)
         totals.append(torch.stack(list(terms.values())).sum(0) + prior)
         priors.append(prior)
         decoders.append(terms[0])

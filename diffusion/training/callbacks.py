@@ -196,25 +196,24 @@ class Previews(Callback):
 
     def _draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert isinstance(pl_module, DiffusionModule)
-        module = pl_module.weights_for_sampling()
+        model = pl_module.weights_for_sampling()
         labels, guidance = None, 1.0
-        if module.conditional:  # the classes in turn
-            labels, guidance = torch.arange(self.num_images) % module.unet.num_classes, self.guidance
-        steps = tqdm(desc=f"preview at step {trainer.global_step}", unit="step", leave=False, file=sys.stderr)
-        with steps, module.sampling(), trainer.precision_plugin.forward_context():
+        if model.conditional:  # the classes in turn
+            labels, guidance = torch.arange(self.num_images) % model.num_classes, self.guidance
+        progress = tqdm(desc=f"preview at step {trainer.global_step}", unit="step", leave=False, file=sys.stderr)
+        with progress, model.sampling(), trainer.precision_plugin.forward_context():
             samples = draw(
-                module.denoiser_for(SamplingOptions(guidance=guidance, clip_x0=self.clip_x0)),
-                module.schedule,
+                model.denoiser_for(SamplingOptions(guidance=guidance, clip_x0=self.clip_x0)),
                 with_steps(self.sampler, self.steps),
                 n=self.num_images,
                 batch_size=self.num_images,
-                shape=module.image_shape,
+                shape=model.image_shape,
                 seed=self.seed,
-                device=module.device,
+                device=pl_module.device,
                 labels=labels,
                 frames=self.gif_frames,
                 frame_images=self.gif_images,
-                on_step=lambda _: steps.update(1),
+                on_step=lambda _: progress.update(1),
             )
         images, frames = samples.images, samples.frames
         stem = self.dirpath / f"step_{trainer.global_step:07d}"
@@ -348,22 +347,21 @@ class FIDMonitor(Callback):
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         assert self.metrics is not None
         assert isinstance(pl_module, DiffusionModule)
-        module = pl_module.weights_for_sampling()
+        model = pl_module.weights_for_sampling()
         mine = range(trainer.global_rank, self.num_samples, trainer.world_size)  # this process's share of the images
         labels = None
-        if module.conditional:  # image k's class depends on (seed, k) only, like its noise
+        if model.conditional:  # image k's class depends on (seed, k) only, like its noise
             g = torch.Generator().manual_seed(self.seed)
-            labels = torch.randint(0, module.unet.num_classes, (self.num_samples,), generator=g)[list(mine)]
-        with module.sampling(), trainer.precision_plugin.forward_context():
+            labels = torch.randint(0, model.num_classes, (self.num_samples,), generator=g)[list(mine)]
+        with model.sampling(), trainer.precision_plugin.forward_context():
             samples = draw(
-                module.denoiser_for(SamplingOptions(clip_x0=self.clip_x0)),
-                module.schedule,
+                model.denoiser_for(SamplingOptions(clip_x0=self.clip_x0)),
                 with_steps(self.sampler, self.steps),
                 n=len(mine),
                 batch_size=self.batch_size,
-                shape=module.image_shape,
+                shape=model.image_shape,
                 seed=self.seed,
-                device=module.device,
+                device=pl_module.device,
                 labels=labels,
                 indices=mine,
             )

@@ -58,7 +58,7 @@ class Checkpoints(ModelCheckpoint):
     - ``max_steps``, ``max_time`` or the last epoch: ``last.ckpt`` is written at the final step, in
       ``on_train_batch_end`` (before any end-of-training preview or metric, which callbacks draw in
       ``on_train_end``: Lightning runs checkpoint callbacks after all others in each hook, so a preview that
-      failed there used to end the run before anything was saved), and again in ``on_train_end`` if the run
+      failed there would end the run before anything was saved), and again in ``on_train_end`` if the run
       ended some other way.
     - SIGTERM and Ctrl-C: the handlers only note the signal. At the end of each training step (after the EMA's
       update) the processes agree whether any of them received one (an all-reduce; Lightning 2.6 already

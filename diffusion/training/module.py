@@ -1,10 +1,8 @@
-"""The LightningModule: the UNet and the noise schedule of the diffusion core, trained with its losses."""
+"""The LightningModule: a :class:`~diffusion.core.model.DiffusionModel` (a network under an objective) trained with
+the objective's losses."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -13,17 +11,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
-from diffusion.core import edm
-from diffusion.core.denoiser import SamplingOptions, network_denoiser
-from diffusion.core.losses import training_losses
 from diffusion.core.lr_schedule import lr_factor
-from diffusion.core.schedules import NoiseSchedule, make_betas
-from diffusion.core.targets import Denoiser
-from diffusion.core.unet import UNet
+from diffusion.core.model import DiffusionModel
 from diffusion.errors import RunError
-from diffusion.training.hparams import ModelSpec
-
-DEFAULT_SAMPLING = SamplingOptions()  # clip x0, no guidance, no thresholding
+from diffusion.models.building import build_model
+from diffusion.models.checkpoints import upgrade_checkpoint
 
 
 class LossByQuartile(Metric):
@@ -54,110 +46,35 @@ class LossByQuartile(Metric):
 def own_storage(state: Tensor) -> Tensor:
     """A random-number state as ``torch.set_rng_state`` can take it: uint8, contiguous, in a storage of its own.
 
-    Checkpoints of multi-process runs written before this fix hold each process's state as a view into one shared
-    storage; loaded, rank k's view starts at offset k * n, and ``torch.set_rng_state`` of a tensor with a non-zero
-    storage offset segfaults (PyTorch 2.14:
-    ``s = torch.get_rng_state(); torch.set_rng_state(torch.cat([s, s])[len(s):])``).
+    Checkpoints of multi-process runs may hold each process's state as a view into one shared storage; loaded, rank
+    k's view starts at offset k * n, and ``torch.set_rng_state`` of a tensor with a non-zero storage offset segfaults
+    (PyTorch 2.14: ``s = torch.get_rng_state(); torch.set_rng_state(torch.cat([s, s])[len(s):])``).
     """
     return state.to(torch.uint8).clone(memory_format=torch.contiguous_format)
 
 
 class DiffusionModule(LightningModule):
-    """Trains ``UNet`` on the objective of ``configs/diffusion/*.yaml``. Every argument is a plain dict saved with
-    ``save_hyperparameters`` in the layout of :mod:`diffusion.training.hparams`, so a checkpoint alone rebuilds the
-    model: ``DiffusionModule(**ckpt["hyper_parameters"])``. What they define is read from the frozen
-    :attr:`spec`; how samples are drawn is passed to :meth:`denoiser` and never stored here.
+    """Trains :attr:`model`, the network of ``configs/model`` under the objective of ``configs/diffusion``. Every
+    argument is a plain dict saved with ``save_hyperparameters`` in the layout of :mod:`diffusion.models.hparams`, so
+    a checkpoint alone rebuilds the model (:func:`diffusion.models.checkpoints.load_model`, which needs no Lightning).
+    How samples are drawn is passed to the model's ``denoiser`` and never stored here.
 
     Args:
-        model: the UNet's settings (``configs/model``), plus the speed switches ``compile``, ``channels_last`` and
-            ``checkpointing`` (activation checkpointing: less memory, more time).
-        diffusion: the training objective (``configs/diffusion``): timesteps, schedule, target, loss, min_snr_gamma,
-            learned_variance, vlb_weight, p_mean, p_std, label_dropout.
+        model: the network's ``_target_`` and settings (``configs/model``), plus the speed switches ``compile``,
+            ``channels_last`` and ``checkpointing`` (activation checkpointing: less memory, more time).
+        diffusion: the objective's ``_target_`` and settings (``configs/diffusion``), plus ``label_dropout``.
         optimizer: AdamW and learning-rate schedule settings (``configs/optimizer``).
         dataset: the dataset's settings (``configs/dataset``) and the run's seed; image_size and channels shape the
-            UNet, the rest lets ``sample.py`` find the training and test images again.
+            network, the rest lets ``sample.py`` find the training and test images again.
     """
 
     def __init__(self, *, model: dict, diffusion: dict, optimizer: dict, dataset: dict) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.spec = ModelSpec.from_hparams(self.hparams)
-        self.objective = self.spec.objective
-        self.compile_network, self.channels_last = model["compile"], model["channels_last"]
-        self.unet = UNet(
-            learned_variance=self.objective.learned_variance,
-            checkpointing=model.get("checkpointing", False),
-            **asdict(self.spec.network),
-        )
-        if self.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        self.schedule = NoiseSchedule(make_betas(self.objective.schedule, self.objective.timesteps))
+        self.model = build_model(self.hparams)
+        self.label_dropout = diffusion["label_dropout"]
         self.optimizer_settings = dict(optimizer)
         self.loss_by_quartile = LossByQuartile()
-
-    # ------------------------------------------------------------------ the model as a function
-    @property
-    def conditional(self) -> bool:
-        return self.unet.num_classes is not None
-
-    def network(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        """The UNet, compiled on first use when ``compile`` is on, with channels-last inputs when asked."""
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        if not self.compile_network:
-            return self.unet(x_t, t, labels)
-        # Kept out of the registered children (no second copy of the weights in state_dict) and out of copies
-        # (__getstate__): a compiled function calls the module it was made from, so the EMA's deep copy, whose
-        # weights differ, must compile its own.
-        compiled = self.__dict__.get("_compiled_unet")
-        if compiled is None:
-            compiled = self.__dict__["_compiled_unet"] = torch.compile(self.unet)
-        return compiled(x_t, t, labels)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_compiled_unet", None)
-        state.pop("_sampling_weights", None)
-        return state
-
-    def denoiser(self, options: SamplingOptions = DEFAULT_SAMPLING, labels: Tensor | None = None) -> Denoiser:
-        """The network as a :data:`Denoiser` for the samplers, drawn as ``options`` say (classifier-free guidance
-        when ``options.guidance`` != 1)."""
-        if labels is None and self.conditional:
-            raise RunError("this model is class-conditional: give the class labels to sample")
-        if labels is not None and not self.conditional:
-            raise RunError("this model was trained without class labels, so it cannot sample given labels")
-        return network_denoiser(
-            self.network,
-            self.schedule,
-            target=self.objective.target,
-            learned_variance=self.objective.learned_variance,
-            clip_x0=options.clip_x0,
-            dynamic_threshold=options.dynamic_threshold,
-            labels=labels,
-            guidance=options.guidance,
-            null_label=self.unet.num_classes,
-        )
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """One image's ``(C, H, W)``."""
-        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
-
-    def denoiser_for(self, options: SamplingOptions = DEFAULT_SAMPLING) -> Callable[[Tensor | None], Denoiser]:
-        """The denoiser for a batch's labels, for :func:`diffusion.core.drawing.draw`."""
-        return lambda labels: self.denoiser(options, labels)
-
-    @contextlib.contextmanager
-    def sampling(self) -> Iterator[None]:
-        """Evaluation mode (no dropout) under ``torch.inference_mode``, restored afterwards."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            self.train(was_training)
 
     # The weights to sample with: a seam between the EMA callback, which offers its averaged copy of this module,
     # and the callbacks that draw samples, which need not know about each other. Kept out of the registered
@@ -165,87 +82,59 @@ class DiffusionModule(LightningModule):
     def offer_weights_for_sampling(self, module: DiffusionModule | None) -> None:
         self.__dict__["_sampling_weights"] = module
 
-    def weights_for_sampling(self) -> DiffusionModule:
-        """The module to sample with: the averaged weights when an EMA offered them, else this module."""
-        return self.__dict__.get("_sampling_weights") or self
+    def weights_for_sampling(self) -> DiffusionModel:
+        """The model to sample with: the averaged weights' when an EMA offered them, else this module's."""
+        return (self.__dict__.get("_sampling_weights") or self).model
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_sampling_weights", None)
+        return state
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.world_size > 1:
             # seed_everything gives every process the same seed, so without this the processes of a data-parallel
-            # run would draw the same timesteps, noise, label dropout and dropout masks for their different images.
-            # Rank 0 keeps the seed of a one-process run; a resume then restores each process's own state.
+            # run would draw the same noise levels, noise, label dropout and dropout masks for their different
+            # images. Rank 0 keeps the seed of a one-process run; a resume then restores each process's own state.
             torch.manual_seed(self.hparams["dataset"]["seed"] + 1_000_003 * self.global_rank)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not self.conditional:
+        if datamodule is None or not self.model.conditional:
             return
-        if datamodule.num_classes != self.unet.num_classes:
+        if datamodule.num_classes != self.model.num_classes:
             raise RunError(
-                f"model.num_classes is {self.unet.num_classes} but the dataset has {datamodule.num_classes} classes; "
+                f"model.num_classes is {self.model.num_classes} but the dataset has {datamodule.num_classes} classes; "
                 f"set model.num_classes={datamodule.num_classes} (or null for an unconditional model)"
             )
 
-    @property
-    def continuous(self) -> bool:
-        """EDM's objective (``diffusion.target=edm``): noise levels sigma drawn from a distribution, not rows."""
-        return self.objective.target == "edm"
-
-    def _levels(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """Training noise levels: timesteps uniform over the rows, or EDM's log-normal sigmas."""
-        if self.continuous:
-            return edm.sample_sigma(n, self.objective.p_mean, self.objective.p_std, device=device, generator=generator)
-        return torch.randint(0, len(self.schedule), (n,), device=device, generator=generator)
-
-    def _quartile(self, level: Tensor) -> Tensor:
-        """The quarter of the training distribution of noise levels each level lies in (0 nearest the data)."""
-        if self.continuous:
-            return edm.sigma_quartile(level, self.objective.p_mean, self.objective.p_std)
-        return level * 4 // len(self.schedule)
-
-    def _losses(
+    def losses(
         self, x0: Tensor, labels: Tensor, level: Tensor, noise: Tensor, drop: Tensor | None
     ) -> dict[str, Tensor]:
-        if self.conditional:
-            if drop is not None:  # classifier-free guidance: train the null label too (Ho & Salimans 2022, Alg. 1)
-                labels = torch.where(drop, torch.full_like(labels, self.unet.num_classes), labels)
-        else:
+        """The objective's per-image losses of the network on ``x0`` at ``level`` with ``noise``; the class labels
+        where ``drop`` is true replaced by the null label (classifier-free guidance: Ho & Salimans 2022, Alg. 1)."""
+        model = self.model
+        if not model.conditional:
             labels = None
-        if self.continuous:  # Karras et al. 2022: x = y + sigma n, F sees c_in x and c_noise
-            sigma = level.to(torch.float64).view(-1, *([1] * (x0.ndim - 1)))
-            x = x0 + sigma.to(x0.dtype) * noise
-            _, _, c_in, c_noise = edm.preconditioning(sigma)
-            output = self.network(c_in.to(x0.dtype) * x, c_noise.flatten().float(), labels)
-            return {"loss": edm.edm_loss(output, x0, x, level.to(torch.float64))}
-        x_t = self.schedule.q_sample(x0, level, noise)
-        return training_losses(
-            self.schedule,
-            self.network(x_t, level, labels),
-            x0,
-            x_t,
-            level,
-            noise,
-            target=self.objective.target,
-            loss=self.objective.loss,
-            learned_variance=self.objective.learned_variance,
-            vlb_weight=self.objective.vlb_weight,
-            min_snr_gamma=self.objective.min_snr_gamma,
-        )
+        elif drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, model.num_classes), labels)
+        return model.objective.losses(lambda x, c: model.network_output(x, c, labels), x0, level, noise)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
-        level = self._levels(x0.shape[0], x0.device)
-        drop = torch.rand(x0.shape[0], device=x0.device) < self.objective.label_dropout if self.conditional else None
-        terms = self._losses(x0, labels, level, torch.randn_like(x0), drop)
+        objective = self.model.objective
+        level = objective.training_levels(x0.shape[0], x0.device)
+        drop = torch.rand(x0.shape[0], device=x0.device) < self.label_dropout if self.model.conditional else None
+        terms = self.losses(x0, labels, level, torch.randn_like(x0), drop)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
         if "vb" in terms:
             self.log("train/vb", terms["vb"].mean())
-        self.loss_by_quartile.update(terms["loss"].detach(), self._quartile(level))
+        self.loss_by_quartile.update(terms["loss"].detach(), objective.quartile(level))
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """The epoch's loss by timestep quartile, as improved-diffusion logs it: which noise levels the model still
-        gets wrong (``train/loss_q0`` nearest the data). For EDM, by quartile of the training sigma distribution."""
+        """The epoch's loss by quarter of the training noise levels, as improved-diffusion logs it by timestep
+        quartile: which noise levels the model still gets wrong (``train/loss_q0`` nearest the data)."""
         if self.loss_by_quartile.update_count == 0:  # a resumed run that starts at the end of an epoch
             return
         # compute() has already summed the metric over the processes, so every process logs the same values;
@@ -260,9 +149,9 @@ class DiffusionModule(LightningModule):
         one validation to the next differ only through the model."""
         x0, labels = batch
         g = torch.Generator(device=x0.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
-        level = self._levels(x0.shape[0], x0.device, g)
+        level = self.model.objective.training_levels(x0.shape[0], x0.device, g)
         noise = torch.randn(x0.shape, device=x0.device, generator=g)
-        loss = self._losses(x0, labels, level, noise, None)["loss"].mean()
+        loss = self.losses(x0, labels, level, noise, None)["loss"].mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
     def configure_gradient_clipping(
@@ -339,6 +228,9 @@ class DiffusionModule(LightningModule):
         checkpoint["rng_states"] = gathered
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning loads the weights and the callbacks' states: brings a checkpoint of an earlier version to
+        today's names, applies this run's optimizer settings, and restores the random-number states."""
+        upgrade_checkpoint(checkpoint)
         self._apply_optimizer_settings(checkpoint)
         states = checkpoint.get("rng_states")
         if states is None:

@@ -1,6 +1,6 @@
-"""Post-hoc EMA (Karras et al. 2024, Section 3): track power-function averages of the weights during training, keep
-their snapshots, and reconstruct the average of any length afterwards (:mod:`diffusion.core.posthoc_ema` has the
-math; ``sample.py ema_length=...`` the reconstruction).
+"""Post-hoc EMA (Karras et al. 2024, Section 3): track power-function averages of the weights during training and keep
+their snapshots, from which ``sample.py ema_length=...`` reconstructs the average of any length afterwards
+(:mod:`diffusion.core.posthoc_ema` has the math, :mod:`diffusion.models.posthoc_ema` the reconstruction).
 
 The snapshots go to ``RUN/ema_snapshots/step_NNNNNNN.pt``, one file per snapshot time holding every tracked
 average in a compact dtype, written by rank zero through a temporary file and one rename, like the checkpoints.
@@ -19,18 +19,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from diffusion.core.posthoc_ema import (
-    check_sigma_rel,
-    gamma_of_sigma_rel,
-    power_beta,
-    profile_residual,
-    reconstruction_coefficients,
-)
+from diffusion.core.posthoc_ema import check_sigma_rel, gamma_of_sigma_rel, power_beta
 from diffusion.errors import RunError, SettingError
+from diffusion.models.posthoc_ema import STATE_KEY
 from diffusion.outputs.writers import atomic_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SNAPSHOT_GLOB = "step_*.pt"
 
 
 class PostHocEMA(Callback):
@@ -76,6 +70,12 @@ class PostHocEMA(Callback):
     @property
     def enabled(self) -> bool:
         return self.every_n_images > 0
+
+    @property
+    def state_key(self) -> str:
+        """Where sample.py finds this callback's state in a checkpoint
+        (:data:`diffusion.models.posthoc_ema.STATE_KEY`)."""
+        return STATE_KEY
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled:
@@ -154,79 +154,3 @@ class PostHocEMA(Callback):
         self.images = state_dict["images"]
         self._latest_update_step = state_dict["latest_update_step"]
         self._loaded = state_dict["averages"]
-
-
-def snapshot_paths(folder: Path) -> list[Path]:
-    return sorted(folder.glob(SNAPSHOT_GLOB))
-
-
-def tracked_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The post-hoc EMA callback's state in a checkpoint (empty when its run tracked none)."""
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if key.split("{")[0] == PostHocEMA.__qualname__ and state:
-            return state
-    return {}
-
-
-def reconstruct(
-    checkpoint: dict[str, Any], path: Path, sigma_rel: float, folder: Path
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The average of length ``sigma_rel`` at the checkpoint's training time (Algorithm 3): the least-squares
-    combination of the averages the checkpoint holds (float32, at its own time) and of the snapshots in ``folder``
-    taken before it (later ones, from training that went on past this checkpoint, are left out). Returns the
-    parameters by name (float32) and what was combined."""
-    check_sigma_rel(sigma_rel)
-    state = tracked_state(checkpoint)
-    if not state:
-        raise RunError(
-            f"{path} holds no post-hoc EMA: its run did not track power-function averages, so no EMA length can be "
-            f"chosen after training. Sample with the run's own EMA (leave out ema_length), or train with "
-            f"callbacks.posthoc_ema.every_n_images=N (e.g. 131072) to keep snapshots."
-        )
-    tracked, now = [float(s) for s in state["sigma_rels"]], state["images"]
-    used = []  # the snapshot files taken before the checkpoint, of the same tracked lengths
-    for file in snapshot_paths(folder):
-        snapshot = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # reads no tensor data yet
-        if snapshot["images"] < now and [float(s) for s in snapshot["sigma_rels"]] == tracked:
-            used.append((file, snapshot["images"]))
-    times = [t for _, t in used for _ in tracked] + [now] * len(tracked)
-    lengths = tracked * (len(used) + 1)
-    x = reconstruction_coefficients(times, lengths, now, sigma_rel)
-    weights: dict[str, Tensor] = {}
-    for k, source in enumerate([file for file, _ in used] + [None]):  # a file at a time: they need not all fit
-        averages = (
-            state["averages"]
-            if source is None
-            else torch.load(source, map_location="cpu", weights_only=True)["averages"]
-        )
-        for i, average in enumerate(averages):
-            c = float(x[k * len(tracked) + i])
-            for name, value in average.items():  # accumulated in float64
-                weights[name] = weights[name] + c * value.double() if name in weights else c * value.double()
-    info = {
-        "ema_length": sigma_rel,
-        "ema_images": now,
-        "ema_snapshots": len(used),
-        "ema_profile_residual": profile_residual(times, lengths, now, sigma_rel),
-    }
-    return {name: value.float() for name, value in weights.items()}, info
-
-
-def load_posthoc(
-    module: LightningModule, checkpoint: dict[str, Any], path: Path, sigma_rel: float, folder: Path
-) -> dict[str, Any]:
-    """Puts the reconstructed average of length ``sigma_rel`` (:func:`reconstruct`) into ``module``'s parameters;
-    returns what was combined."""
-    if not folder.is_dir() and tracked_state(checkpoint):
-        raise RunError(
-            f"no post-hoc EMA snapshots in {folder}: ema_length reconstructs from the run's ema_snapshots/ folder. "
-            f"Give its place with ema_snapshots=PATH if the run folder was moved or split."
-        )
-    weights, info = reconstruct(checkpoint, path, sigma_rel, folder)
-    parameters = dict(module.named_parameters())
-    if set(weights) != set(parameters):
-        raise RunError(f"the post-hoc EMA averages in {path} do not fit the model its hyperparameters describe")
-    with torch.no_grad():
-        for name, value in weights.items():
-            parameters[name].copy_(value)
-    return info

@@ -1,8 +1,10 @@
-"""Samplers: each walks a respaced schedule from noise x_T to an image and yields every step.
+"""Samplers: each walks a grid of the denoiser's noise levels from noise x_T to an image and yields every step.
 
-All take ``(denoise, schedule, x_T, *, steps, spacing, generator, ...)`` and only differ in their own options, so a
-config can switch between them; with the options bound, each is a :class:`Sampler`. ``denoise`` maps (x_t, t) to
-a :class:`diffusion.core.targets.Prediction`.
+All take ``(denoise, x_T, *, steps, generator, ...)`` and only differ in their own options, so a config can switch
+between them; with the options bound, each is a :class:`Sampler`. ``denoise`` is a
+:class:`diffusion.core.denoiser.Denoiser`: it maps the state x_t at a :class:`diffusion.core.levels.Level` to a
+:class:`diffusion.core.denoiser.Prediction`, and its ``levels`` say where the model may be evaluated, so a sampler
+works on every objective alike.
 """
 
 from diffusion.core.samplers.base import NoiseSource, Randomness, Sampler, SamplerStep, final

@@ -1,45 +1,47 @@
-"""What every sampler shares: the step it yields, the respaced schedule it walks, and its noise."""
+"""What every sampler shares: the step it yields, the grid of levels it walks, and its noise."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from diffusion.core.schedules import NoiseSchedule, Spacing, spaced_timesteps
-from diffusion.core.targets import Denoiser
+from diffusion.core.denoiser import Denoiser
+from diffusion.core.levels import Level
+from diffusion.core.schedules import NoiseSchedule
 
 
 @dataclass(frozen=True)
 class SamplerStep:
-    """One step of a sampler: the network timestep ``t`` it evaluated, the state ``x`` it moved to, and the clean
-    image ``x0_pred`` the network predicted on the way (both ``(B, C, H, W)``). The last step's ``x`` is the
-    sample. Collecting ``x`` or ``x0_pred`` over the steps gives the frames of a reverse-process GIF."""
+    """One step of a sampler: the ``level`` it evaluated the denoiser at, the state ``x`` it moved to, and the clean
+    image ``x0_pred`` the denoiser predicted on the way (both ``(B, C, H, W)``; x is the VP state x_t = a x_0 + s eps of
+    :mod:`diffusion.core.levels`). The last step's ``x`` is the sample. Collecting ``x`` or ``x0_pred`` over the steps
+    gives the frames of a reverse-process GIF."""
 
-    t: int
+    level: Level
     x: Tensor
     x0_pred: Tensor
 
 
 @dataclass(frozen=True)
 class StepTable:
-    """A respaced schedule as plain float64 numbers, for samplers whose step coefficients are scalars.
+    """A grid of levels as plain float64 numbers, for samplers whose step coefficients are scalars.
 
-    Row i of every list belongs to the i-th chosen timestep, increasing; ``t[i]`` is the network timestep.
+    Row i of every list belongs to the i-th level of the grid, increasing.
     """
 
-    t: list[int]
+    levels: list[Level]
     alpha_bar: list[float]
 
     @classmethod
-    def of(cls, schedule: NoiseSchedule) -> StepTable:
-        return cls(schedule.network_timesteps.tolist(), schedule.alphas_cumprod.tolist())
+    def of(cls, grid: Sequence[Level]) -> StepTable:
+        return cls(list(grid), [level.alpha_bar for level in grid])
 
     def __len__(self) -> int:
-        return len(self.t)
+        return len(self.levels)
 
     def a(self, i: int) -> float:
         """sqrt(alpha_bar) at row i; row -1 is the clean data, alpha_bar = 1."""
@@ -50,14 +52,11 @@ class StepTable:
         return 0.0 if i < 0 else (1.0 - self.alpha_bar[i]) ** 0.5
 
 
-def respaced(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> NoiseSchedule:
-    """The schedule a sampler walks: ``steps`` of ``schedule``'s timesteps, chosen by ``spacing``."""
-    return schedule.respace(spaced_timesteps(schedule, steps, spacing))
-
-
-def timestep_batch(t: int, x: Tensor) -> Tensor:
-    """The network timestep ``t`` repeated for each image of ``x``: ``(B,)`` int64 on x's device."""
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+def walked(grid: Sequence[Level], device: torch.device | str) -> NoiseSchedule:
+    """The schedule whose rows are the levels of ``grid`` (:meth:`NoiseSchedule.from_alpha_bar`), on ``device``: the
+    posterior of the reverse process between them (the respaced schedule of Nichol & Dhariwal 2021, §4)."""
+    alpha_bar = torch.tensor([level.alpha_bar for level in grid], dtype=torch.float64, device=device)
+    return NoiseSchedule.from_alpha_bar(alpha_bar)
 
 
 class NoiseSource(Protocol):
@@ -72,12 +71,11 @@ Randomness = torch.Generator | NoiseSource | None
 
 class Sampler(Protocol):
     """A sampler with its options bound: a ``configs/sampler/*.yaml`` instantiated by Hydra (``_partial_``), e.g.
-    ``functools.partial(ddim_sample, steps=50, spacing="quadratic", eta=0.0)``. It walks from ``x_T`` to a sample,
-    yielding every step; ``generator`` is where its noise comes from (stochastic samplers)."""
+    ``functools.partial(ddim_sample, steps=50, spacing="uniform", eta=0.0)``. It walks from the unit normal noise
+    ``x_T`` (the VP state at the denoiser's largest level) to a sample, yielding every step; ``generator`` is where
+    its noise comes from (stochastic samplers)."""
 
-    def __call__(
-        self, denoise: Denoiser, schedule: NoiseSchedule, x_T: Tensor, *, generator: Randomness = None
-    ) -> Iterator[SamplerStep]: ...
+    def __call__(self, denoise: Denoiser, x_T: Tensor, *, generator: Randomness = None) -> Iterator[SamplerStep]: ...
 
 
 def noise_like(x: Tensor, generator: Randomness) -> Tensor:

@@ -7,15 +7,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from diffusion.core.denoiser import Denoiser
 from diffusion.core.reverse import Variance, p_mean_variance
-from diffusion.core.samplers.base import Randomness, SamplerStep, noise_like, respaced, timestep_batch
-from diffusion.core.schedules import NoiseSchedule, Spacing
-from diffusion.core.targets import Denoiser
+from diffusion.core.samplers.base import Randomness, SamplerStep, noise_like, walked
+from diffusion.core.schedules import Spacing
 
 
 def ddpm_sample(
     denoise: Denoiser,
-    schedule: NoiseSchedule,
     x_T: Tensor,
     *,
     steps: int,
@@ -23,19 +22,20 @@ def ddpm_sample(
     variance: Variance | None,
     generator: Randomness = None,
 ) -> Iterator[SamplerStep]:
-    """Ho et al. 2020, Algorithm 2, on ``steps`` respaced timesteps (Nichol & Dhariwal 2021, §4).
+    """Ho et al. 2020, Algorithm 2, on a grid of ``steps`` of the denoiser's levels (the respaced schedule of Nichol &
+    Dhariwal 2021, §4).
 
     ``variance`` picks sigma_t^2 (see :func:`diffusion.core.reverse.p_mean_variance`); ``None`` takes the model's
     learned variance when it has one and beta otherwise. One network evaluation per step; computes in x_T's dtype.
     """
-    walked = respaced(schedule, steps, spacing)  # rows 0..steps-1; network_timesteps[row] is the network's t
-    timesteps = walked.network_timesteps.tolist()
+    grid = denoise.levels.grid(steps, spacing)
+    schedule = walked(grid, x_T.device)  # its rows 0..steps-1 are the levels of the grid
     x = x_T
-    for row in reversed(range(len(walked))):
-        t = timesteps[row]
-        prediction = denoise(x, timestep_batch(t, x))
+    for row in reversed(range(len(grid))):
+        prediction = denoise(x, grid[row])
         chosen = variance or ("learned" if prediction.var_frac is not None else "beta")
-        mean, log_variance = p_mean_variance(walked, prediction, x, timestep_batch(row, x), chosen)
+        rows = torch.full((x.shape[0],), row, device=x.device, dtype=torch.long)
+        mean, log_variance = p_mean_variance(schedule, prediction, x, rows, chosen)
         # line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step
         x = mean + torch.exp(0.5 * log_variance) * noise_like(x, generator) if row > 0 else mean
-        yield SamplerStep(t, x, prediction.x0)
+        yield SamplerStep(grid[row], x, prediction.x0)

@@ -7,14 +7,13 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from diffusion.core.samplers.base import Randomness, SamplerStep, StepTable, respaced, timestep_batch
-from diffusion.core.schedules import NoiseSchedule, Spacing
-from diffusion.core.targets import Denoiser
+from diffusion.core.denoiser import Denoiser
+from diffusion.core.samplers.base import Randomness, SamplerStep, StepTable
+from diffusion.core.schedules import Spacing
 
 
 def dpm_solver_sample(
     denoise: Denoiser,
-    schedule: NoiseSchedule,
     x_T: Tensor,
     *,
     steps: int,
@@ -31,12 +30,12 @@ def dpm_solver_sample(
     (diffusers' ``lower_order_final``). ``steps`` network evaluations. Deterministic: ``generator`` is unused
     and accepted only so that every sampler takes the same arguments.
     """
-    table = StepTable.of(respaced(schedule, steps, spacing))
+    table = StepTable.of(denoise.levels.grid(steps, spacing))
     lam = [math.log(table.a(i) / table.s(i)) for i in range(len(table))]
     x = x_T
     x0_prev, h_prev = None, None
     for i in reversed(range(len(table))):
-        prediction = denoise(x, timestep_batch(table.t[i], x))
+        prediction = denoise(x, table.levels[i])
         if i == 0:
             x = prediction.x0
         else:
@@ -48,4 +47,4 @@ def dpm_solver_sample(
                 D = (1 + 1 / (2 * r)) * prediction.x0 - (1 / (2 * r)) * x0_prev
             x = (table.s(i - 1) / table.s(i)) * x - table.a(i - 1) * math.expm1(-h) * D
             x0_prev, h_prev = prediction.x0, h
-        yield SamplerStep(table.t[i], x, prediction.x0)
+        yield SamplerStep(table.levels[i], x, prediction.x0)

@@ -1,8 +1,9 @@
 """The score-SDE view of a DDPM network (Song et al. 2021, "Score-Based Generative Modeling through SDEs").
 
-A network trained on the discrete schedule is the VP-SDE dx = -1/2 beta(tau) x dtau + sqrt(beta(tau)) dw, with
-score grad log p_t(x) = -eps(x, t) / s_t. On a respaced table, the integral of beta over the step from row i - 1 to
-row i is int_beta_i = log(alpha_bar_{i-1} / alpha_bar_i), which is what both solvers below use in place of beta dtau.
+The VP state of :mod:`diffusion.core.levels` follows the VP-SDE dx = -1/2 beta(tau) x dtau + sqrt(beta(tau)) dw, with
+score grad log p_t(x) = -eps(x, t) / s_t, whatever the model was trained as. On a grid of levels, the integral of beta
+over the step from row i - 1 to row i is int_beta_i = log(alpha_bar_{i-1} / alpha_bar_i), which is what both solvers
+below use in place of beta dtau.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from diffusion.core.samplers.base import Randomness, SamplerStep, StepTable, noise_like, respaced, timestep_batch
-from diffusion.core.schedules import NoiseSchedule, Spacing
-from diffusion.core.targets import Denoiser
+from diffusion.core.denoiser import Denoiser
+from diffusion.core.levels import Level
+from diffusion.core.samplers.base import Randomness, SamplerStep, StepTable, noise_like, walked
+from diffusion.core.schedules import Spacing
 
 
 def _per_image_norm(x: Tensor) -> Tensor:
@@ -24,7 +26,7 @@ def _per_image_norm(x: Tensor) -> Tensor:
 def langevin_correct(
     denoise: Denoiser,
     x: Tensor,
-    t: int,
+    level: Level,
     s: float,
     alpha: float,
     *,
@@ -37,7 +39,7 @@ def langevin_correct(
     with signal-to-noise ratio r = ``snr``. The norms are per image (the paper's code averages them over the batch,
     which would make one image depend on the others)."""
     for _ in range(n_steps):
-        score = -denoise(x, timestep_batch(t, x)).eps / s
+        score = -denoise(x, level).eps / s
         z = noise_like(x, generator)
         step = 2 * alpha * (snr * _per_image_norm(z) / _per_image_norm(score)) ** 2
         x = x + step * score + (2 * step).sqrt() * z
@@ -46,7 +48,6 @@ def langevin_correct(
 
 def sde_sample(
     denoise: Denoiser,
-    schedule: NoiseSchedule,
     x_T: Tensor,
     *,
     steps: int,
@@ -63,27 +64,26 @@ def sde_sample(
     (the paper's "denoising" step).
     Network evaluations: steps x (1 + corrector_steps).
     """
-    walked = respaced(schedule, steps, spacing)
-    table, alphas = StepTable.of(walked), walked.alphas.tolist()
+    grid = denoise.levels.grid(steps, spacing)
+    table, alphas = StepTable.of(grid), walked(grid, "cpu").alphas.tolist()
     x = x_T
     for i in reversed(range(len(table))):
         if corrector_steps:
             x = langevin_correct(
-                denoise, x, table.t[i], table.s(i), alphas[i], snr=snr, n_steps=corrector_steps, generator=generator
+                denoise, x, grid[i], table.s(i), alphas[i], snr=snr, n_steps=corrector_steps, generator=generator
             )
-        prediction = denoise(x, timestep_batch(table.t[i], x))
+        prediction = denoise(x, grid[i])
         if i == 0:
             x = prediction.x0
         else:
             int_beta = math.log(table.alpha_bar[i - 1] / table.alpha_bar[i])
             score = -prediction.eps / table.s(i)
             x = x + (0.5 * x + score) * int_beta + math.sqrt(int_beta) * noise_like(x, generator)
-        yield SamplerStep(table.t[i], x, prediction.x0)
+        yield SamplerStep(grid[i], x, prediction.x0)
 
 
 def ode_sample(
     denoise: Denoiser,
-    schedule: NoiseSchedule,
     x_T: Tensor,
     *,
     steps: int,
@@ -96,16 +96,16 @@ def ode_sample(
     (Karras et al. 2022, eq. 4 and Algorithm 1), which is where the steps are taken; the final step returns the x_0
     prediction at the smallest timestep. Network evaluations: 2 x steps - 1. Deterministic: ``generator`` is unused.
     """
-    table = StepTable.of(respaced(schedule, steps, spacing))
+    table = StepTable.of(denoise.levels.grid(steps, spacing))
     sigma = [table.s(i) / table.a(i) for i in range(len(table))]
     x = x_T
     for i in reversed(range(len(table))):
-        prediction = denoise(x, timestep_batch(table.t[i], x))
+        prediction = denoise(x, table.levels[i])
         if i == 0:
             x = prediction.x0
         else:
             y, h = x / table.a(i), sigma[i - 1] - sigma[i]
             y_euler = y + h * prediction.eps
-            eps_next = denoise(table.a(i - 1) * y_euler, timestep_batch(table.t[i - 1], x)).eps
+            eps_next = denoise(table.a(i - 1) * y_euler, table.levels[i - 1]).eps
             x = table.a(i - 1) * (y + h * 0.5 * (prediction.eps + eps_next))
-        yield SamplerStep(table.t[i], x, prediction.x0)
+        yield SamplerStep(table.levels[i], x, prediction.x0)

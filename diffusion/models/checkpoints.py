@@ -1,8 +1,9 @@
-"""Reading checkpoints safely, and finding the one to resume from.
+"""Reading checkpoints safely, loading the model to sample from, and finding the one to resume from.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a file that
 carries pickled code is refused before any of it runs. The training side saves nothing else (its hyperparameters
-are plain dicts).
+are plain dicts). A checkpoint's weights are the training module's: the model's under ``model.`` (the network's
+under ``model.network.``); :func:`upgrade_checkpoint` brings those of earlier versions to today's names.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from typing import Any
 
 import torch
 
+from diffusion.core.model import DiffusionModel
 from diffusion.errors import RunError
-from diffusion.training import hparams as layout
-from diffusion.training.module import DiffusionModule
+from diffusion.models import hparams
+from diffusion.models.building import build_model
+
+MODEL_PREFIX = "model."  # the training module holds the model as `model`
+OLD_PREFIXES = {"unet.": "model.network."}  # the training module held the UNet itself until 2026-12-03
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -44,15 +49,41 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as error:  # garbage makes torch.load raise many kinds: EOFError, IndexError, KeyError, ...
         first_line = (str(error).splitlines() or ["(no message)"])[0][:200]
         raise RunError(_unreadable(path, f"{type(error).__name__}: {first_line}")) from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    hparams = layout.upgrade(hparams) if isinstance(hparams, dict) else None
-    if hparams is None or not all(key in hparams for key in layout.GROUPS) or "state_dict" not in checkpoint:
+    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    groups = hparams.upgrade(saved) if isinstance(saved, dict) else {}
+    if not all(key in groups for key in hparams.GROUPS) or "state_dict" not in checkpoint:
         raise RunError(
             f"{path} is a PyTorch file but not a checkpoint of this project's diffusion models (it lacks the "
-            f"state_dict and the hyperparameters {', '.join(layout.GROUPS)}); use a checkpoint written by train.py"
+            f"state_dict and the hyperparameters {', '.join(hparams.GROUPS)}); use a checkpoint written by train.py"
         )
-    checkpoint["hyper_parameters"] = hparams  # in today's layout, whatever version wrote it
+    return upgrade_checkpoint(checkpoint)  # in today's layout, whatever version wrote it
+
+
+def upgrade_weights(weights: dict[str, Any]) -> dict[str, Any]:
+    """Parameters named by an earlier version of the training module, by today's names."""
+    renamed = {}
+    for name, value in weights.items():
+        old = next((p for p in OLD_PREFIXES if name.startswith(p)), None)
+        renamed[OLD_PREFIXES[old] + name[len(old) :] if old else name] = value
+    return renamed
+
+
+def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` in today's layout, changed in place: its hyperparameters (:func:`diffusion.models.hparams.
+    upgrade`), and the names of its weights, the raw ones beside them and the post-hoc EMA's averages."""
+    checkpoint["hyper_parameters"] = hparams.upgrade(checkpoint["hyper_parameters"])
+    for key in ("state_dict", "current_model_state"):
+        if key in checkpoint:
+            checkpoint[key] = upgrade_weights(checkpoint[key])
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, dict) and isinstance(state.get("averages"), list):  # PostHocEMA's
+            state["averages"] = [upgrade_weights(average) for average in state["averages"]]
     return checkpoint
+
+
+def model_weights(weights: dict[str, Any]) -> dict[str, Any]:
+    """The model's own weights (``network.*``) among the training module's (``model.network.*``)."""
+    return {name[len(MODEL_PREFIX) :]: value for name, value in weights.items() if name.startswith(MODEL_PREFIX)}
 
 
 def _unreadable(path: Path, reason: str) -> str:
@@ -78,9 +109,9 @@ def find_last_checkpoint(run_dir: Path, runs_root: Path) -> Path:
     )
 
 
-def check_resumable(checkpoint: dict[str, Any], hparams: dict[str, Any], path: Path) -> None:
+def check_resumable(checkpoint: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuses to resume a run whose model, training objective or image format differ from the checkpoint's."""
-    changed = layout.resume_conflicts(checkpoint["hyper_parameters"], hparams)
+    changed = hparams.resume_conflicts(checkpoint["hyper_parameters"], current)
     if changed:
         raise RunError(
             f"cannot resume from {path}: it was trained with other settings ({'; '.join(changed)}). Resume with the "
@@ -95,21 +126,21 @@ def load_model(
     compile: bool = False,
     channels_last: bool = False,
     checkpoint: dict[str, Any] | None = None,
-) -> DiffusionModule:
-    """The module of a checkpoint, with its EMA weights (``ema``; the checkpoint's ``state_dict``) or its raw
+) -> DiffusionModel:
+    """The model of a checkpoint, with its EMA weights (``ema``; the checkpoint's ``state_dict``) or its raw
     trained weights (``current_model_state``, which the EMA callback keeps beside them), and the speed switches
     ``compile`` and ``channels_last`` of the sampling run (they change how fast, not what is computed).
     ``checkpoint``: the file at ``path`` already read with :func:`load_checkpoint`."""
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
-    hparams = checkpoint["hyper_parameters"]
-    hparams["model"].update(compile=compile, channels_last=channels_last)
-    module = DiffusionModule(**hparams)
+    settings = {**checkpoint["hyper_parameters"]}
+    settings["model"] = {**settings["model"], "compile": compile, "channels_last": channels_last}
+    model = build_model(settings)
     has_ema = "current_model_state" in checkpoint
     if ema and not has_ema:
         warnings.warn("the checkpoint holds no EMA weights; sampling with the trained weights", stacklevel=2)
     weights = checkpoint["state_dict"] if ema or not has_ema else checkpoint["current_model_state"]
     try:
-        module.load_state_dict(weights)
+        model.load_state_dict(model_weights(weights))
     except RuntimeError as error:
         raise RunError(f"the weights in {path} do not fit the model its hyperparameters describe: {error}") from None
-    return module
+    return model

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusion import checks
 from diffusion.errors import SettingError
 
 
@@ -177,24 +178,44 @@ def valid_image_sizes_near(size: int, factor: int) -> list[int]:
     return [s for s in (below, below + factor) if s >= factor]
 
 
+# The UNet's resolutions for an image size, as the reference implementations lay them out: Ho et al. 2020's CIFAR-10
+# network at 32 (four resolutions, down to 4x4), and openai/guided-diffusion's script_util.create_model at 64, 128 and
+# 256 (four, five and six, down to 8x8). experiment=folder uses it as ${unet_channel_mult:${dataset.image_size}}.
+CHANNEL_MULT = {32: [1, 2, 2, 2], 64: [1, 2, 3, 4], 128: [1, 1, 2, 3, 4], 256: [1, 1, 2, 2, 4, 4]}
+
+
+def channel_mult_for(image_size: int) -> list[int]:
+    """``model.channel_mult`` for ``image_size`` (:data:`CHANNEL_MULT`); another size gets a message."""
+    if image_size not in CHANNEL_MULT:
+        raise SettingError(
+            f"dataset.image_size={image_size} has no preset layout (model.channel_mult follows the image size for "
+            f"{', '.join(map(str, CHANNEL_MULT))}); choose one of those sizes, or give the resolutions yourself, e.g. "
+            f"model.channel_mult=[1,2,2,2] for a size divisible by 8"
+        )
+    return list(CHANNEL_MULT[image_size])
+
+
 class UNet(nn.Module):
-    """The denoising network eps_theta(x_t, t[, y]) (or whichever target it is trained for).
+    """The denoising network of DDPM, a :class:`~diffusion.core.networks.Network`: ``forward(x, noise_conditioning,
+    labels)`` gives the prediction of whichever target its objective trains it for.
 
     Args:
-        image_size: height and width of the (square) images; must be divisible by 2^(levels - 1).
+        image_size: height and width of the (square) images; must be divisible by 2^(resolutions - 1).
         in_channels: 1 (grayscale) or 3 (RGB).
-        base_channels: channels at the first level ("ch" in DDPM).
-        channel_mult: channels of each level as multiples of ``base_channels``; one entry per level.
-        num_res_blocks: ResBlocks per level in the encoder (the decoder has one more, as in DDPM).
+        out_channels: what the objective asks for (``2 * in_channels`` with a learned variance).
+        base_channels: channels at the first resolution ("ch" in DDPM).
+        channel_mult: channels of each resolution as multiples of ``base_channels``; one entry per resolution.
+        num_res_blocks: ResBlocks per resolution in the encoder (the decoder has one more, as in DDPM).
         attention_resolutions: feature-map sizes (in pixels) at which blocks are followed by self-attention.
         num_heads: attention heads.
         dropout: dropout probability inside ResBlocks.
         num_classes: number of class labels for a conditional model (label ``num_classes`` means "no label");
             ``None`` for an unconditional one.
-        learned_variance: output 2 x in_channels channels (the target, then the variance interpolation).
         scale_shift: condition each block by scale and shift of its norm instead of by addition.
-        checkpointing: recompute each ResBlock's activations in the backward pass instead of keeping them
-            (activation checkpointing): less memory per image for more time per step; the same gradients.
+
+    :attr:`checkpointing` (``model.checkpointing``): recompute each ResBlock's activations in the backward pass
+    instead of keeping them (activation checkpointing): less memory per image for more time per step; the same
+    gradients.
     """
 
     def __init__(
@@ -202,6 +223,7 @@ class UNet(nn.Module):
         *,
         image_size: int,
         in_channels: int,
+        out_channels: int,
         base_channels: int,
         channel_mult: Sequence[int],
         num_res_blocks: int,
@@ -209,15 +231,26 @@ class UNet(nn.Module):
         num_heads: int,
         dropout: float,
         num_classes: int | None,
-        learned_variance: bool,
         scale_shift: bool,
-        checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if in_channels not in (1, 3):
+            raise SettingError(f"dataset.channels={in_channels}: the UNet takes 1 (grayscale) or 3 (RGB) channels")
+        checks.whole_number("model.base_channels", base_channels, 1, "e.g. model.base_channels=64")
+        checks.whole_numbers(
+            "model.channel_mult", channel_mult, 1, "one multiplier per resolution, e.g. model.channel_mult=[1,2,2,2]",
+            at_least=1,
+        )  # fmt: skip
+        checks.whole_number("model.num_res_blocks", num_res_blocks, 1, "e.g. model.num_res_blocks=2")
+        checks.whole_numbers("model.attention_resolutions", attention_resolutions, 1, "sizes, e.g. [16] or [] for none")
+        checks.whole_number("model.num_heads", num_heads, 1, "e.g. model.num_heads=1")
+        checks.number("model.dropout", dropout, 0, 1, "the share of activations dropped, e.g. 0.1", open_high=True)
+        checks.whole_number("model.num_classes", num_classes, 1, "null for an unconditional model", allowed=(None,))
+        checks.flag("model.scale_shift", scale_shift)
         channel_mult = list(channel_mult)
-        self.check_arguments(image_size, in_channels, base_channels, channel_mult, attention_resolutions, num_heads)
+        self.check_layout(image_size, base_channels, channel_mult, attention_resolutions, num_heads)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
-        self.out_channels = in_channels * (2 if learned_variance else 1)
+        self.out_channels = out_channels
         emb_dim = 4 * base_channels
 
         self.base_channels = base_channels
@@ -235,12 +268,12 @@ class UNet(nn.Module):
 
         self.down = nn.ModuleList()
         skips, ch, res = [base_channels], base_channels, image_size
-        for level, mult in enumerate(channel_mult):
+        for depth, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 self.down.append(stage([block(ch, base_channels * mult)], res, base_channels * mult))
                 ch = base_channels * mult
                 skips.append(ch)
-            if level < len(channel_mult) - 1:
+            if depth < len(channel_mult) - 1:
                 self.down.append(Stage([Downsample(ch)]))
                 skips.append(ch)
                 res //= 2
@@ -248,71 +281,73 @@ class UNet(nn.Module):
         self.middle = Stage([block(ch, ch), Attention(ch, num_heads), block(ch, ch)])
 
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
+        for depth, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 layers = stage([block(ch + skips.pop(), base_channels * mult)], res, base_channels * mult)
                 ch = base_channels * mult
-                if level > 0 and i == num_res_blocks:
+                if depth > 0 and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     res *= 2
                 self.up.append(layers)
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+
+    @property
+    def checkpointing(self) -> bool:
+        return any(stage.checkpointing for stage in self.modules() if isinstance(stage, Stage))
+
+    @checkpointing.setter
+    def checkpointing(self, enabled: bool) -> None:
         for module in self.modules():
             if isinstance(module, Stage):
-                module.checkpointing = checkpointing
+                module.checkpointing = enabled
 
     @staticmethod
-    def check_arguments(
-        image_size: int,
-        in_channels: int,
-        base_channels: int,
-        channel_mult: list[int],
-        attention_resolutions: Sequence[int],
-        num_heads: int,
+    def check_layout(
+        image_size: int, base_channels: int, channel_mult: list[int], attention_resolutions: Sequence[int], heads: int
     ) -> None:
-        if in_channels not in (1, 3):
-            raise SettingError(f"dataset.channels={in_channels}: the UNet takes 1 (grayscale) or 3 (RGB) channels")
-        if not channel_mult:
-            raise SettingError("channel_mult needs at least one level")
+        """Whether the resolutions, attention and heads fit the image size and the widths."""
         factor = 2 ** (len(channel_mult) - 1)
         if image_size < factor or image_size % factor:
             raise SettingError(
-                f"dataset.image_size={image_size} does not fit a UNet with {len(channel_mult)} levels "
+                f"dataset.image_size={image_size} does not fit a UNet with {len(channel_mult)} resolutions "
                 f"(model.channel_mult={channel_mult}): the size must be a multiple of "
                 f"2^{len(channel_mult) - 1} = {factor}. Sizes that work near it: "
-                f"{valid_image_sizes_near(image_size, factor)}; or use fewer levels."
+                f"{valid_image_sizes_near(image_size, factor)}; or use fewer resolutions."
             )
         resolutions = [image_size // 2**i for i in range(len(channel_mult))]
         unknown = sorted(set(attention_resolutions) - set(resolutions))
         if unknown:
             raise SettingError(
                 f"model.attention_resolutions {unknown} are not feature-map sizes of this UNet; for "
-                f"dataset.image_size={image_size} and {len(channel_mult)} levels they are {resolutions}"
+                f"dataset.image_size={image_size} and {len(channel_mult)} resolutions they are {resolutions}"
             )
         for mult in channel_mult:
-            if (base_channels * mult) % num_heads:
+            if (base_channels * mult) % heads:
                 raise SettingError(
-                    f"model.num_heads={num_heads} must divide every level's channels ({base_channels * mult})"
+                    f"model.num_heads={heads} must divide the channels of every resolution ({base_channels * mult})"
                 )
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """x: ``(B, C, H, W)``; t: ``(B,)`` timesteps; labels: ``(B,)`` int64 for a conditional model (the value
-        ``num_classes`` for "no label"). Returns ``(B, out_channels, H, W)``."""
+    def forward(self, x: Tensor, noise_conditioning: Tensor, labels: Tensor | None = None) -> Tensor:
+        """x: ``(B, C, H, W)``; noise_conditioning: ``(B,)``, the objective's value (a timestep, ln(sigma) / 4),
+        embedded sinusoidally; labels: ``(B,)`` int64 for a conditional model (the value ``num_classes`` for "no
+        label"). Returns ``(B, out_channels, H, W)``."""
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"the UNet expects images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"expected one timestep per image, shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if noise_conditioning.shape != (x.shape[0],):
+            raise ValueError(
+                f"expected one noise level per image, shape ({x.shape[0]},), got {tuple(noise_conditioning.shape)}"
+            )
         if (labels is None) != (self.label_embed is None):
             raise ValueError(
                 "this UNet is class-conditional and needs labels"
                 if labels is None
                 else "this UNet is unconditional (model.num_classes is not set) and takes no labels"
             )
-        emb = self.time_embed(timestep_embedding(t, self.base_channels))  # (B, 4 ch)
+        emb = self.time_embed(timestep_embedding(noise_conditioning, self.base_channels))  # (B, 4 ch)
         if self.label_embed is not None:
             emb = emb + self.label_embed(labels)
         h = self.conv_in(x)
