@@ -16,6 +16,8 @@ from tests.helpers import compose_config, run_script
 from train import main as train_main
 from train import train
 
+OWN_NETWORK = ["model=custom", "model._target_=tests.test_networks.TinyConvNet", "+model.width=4"]
+
 # (script, arguments, fragments the message must hold); CKPT stands for a real checkpoint, RUN for a fresh folder
 CATALOGUE = [
     ("sample.py", [], ["error: sample.py needs a checkpoint", "ckpt=PATH"]),
@@ -133,6 +135,12 @@ CATALOGUE = [
     ("train.py", ["diffusion._target_=torch.nn.Linear"], ["error: diffusion.p_mean is not a setting of diffusion"]),
     ("train.py", ["+model.widht=3"], ["error: model.widht is not a setting of model", "UNet"]),
     ("train.py", ["model.compile=maybe"], ["error: model.compile='maybe' is not true or false"]),
+    ("train.py", ["model=custom", "model._target_=torch.nn.Identity"], ["error: model._target_", "num_classes"]),
+    (
+        "train.py",
+        [*OWN_NETWORK, "model.checkpointing=true"],
+        ["error: model.checkpointing=true", "leave model.checkpointing=false"],
+    ),
 ]
 
 

@@ -43,8 +43,7 @@ class DiffusionModel(nn.Module):
         checkpointing: bool,
     ) -> None:
         super().__init__()
-        num_classes = getattr(network, "num_classes", "missing")
-        if num_classes == "missing" or not (num_classes is None or isinstance(num_classes, int)):
+        if not hasattr(network, "num_classes") or not (network.num_classes is None or type(network.num_classes) is int):
             raise SettingError(
                 f"model._target_: the network {type(network).__qualname__} must say which class labels it takes, as an "
                 f"attribute num_classes (an int, or None for an unconditional network); README, 'Adding a network'"

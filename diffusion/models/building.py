@@ -52,28 +52,17 @@ KINDS = {
 
 def locate(key: str, target: str) -> type:
     """The class at the dotted path ``target`` (``mypackage.nets.MyNet``), or the one paragraph that says why it cannot
-    be imported. (Hydra's ``get_class`` does the same but also logs each failure as an error of its own.)"""
-    parts, reason = target.split("."), "not a class"
-    for split in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes within it
-        module_name = ".".join(parts[:split])
-        try:
-            found: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name is not None and module_name.startswith(error.name):
-                reason = str(error)
-                continue  # this prefix is not a module: try a shorter one
-            checks.fail(key, target, f"cannot be imported ({type(error).__name__}: {error})", "fix the import it needs")
-        except Exception as error:  # the module exists and failed: the user's own error, said as it was raised
-            checks.fail(key, target, f"cannot be imported ({type(error).__name__}: {error})", "fix its module")
-        for name in parts[split:]:
-            found = getattr(found, name, None)
-        if isinstance(found, type):
-            return found
-        reason = reason if found is None and reason != "not a class" else f"{module_name} has no class {parts[-1]}"
-        break
-    checks.fail(
-        key, target, f"cannot be imported ({reason})", "give a class's full dotted path, e.g. mypackage.nets.MyNet"
-    )
+    be imported: its module missing, failing on import (the error as it was raised), or holding no such class.
+    (Hydra's ``get_class`` does the same but also logs each failure as an error of its own.)"""
+    module_name, _, name = target.rpartition(".")
+    fix = "give a class's full dotted path, e.g. mypackage.nets.MyNet"
+    try:
+        found = getattr(importlib.import_module(module_name), name, None) if module_name else None
+    except Exception as error:  # ModuleNotFoundError, or the user's module failing: said as it was raised
+        checks.fail(key, target, f"cannot be imported ({type(error).__name__}: {error})", fix)
+    if not isinstance(found, type):
+        checks.fail(key, target, f"is not a class in {module_name or 'a module'}", fix)
+    return found
 
 
 def build(group: str, settings: dict[str, Any], **given: Any) -> Any:
