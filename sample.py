@@ -4,6 +4,7 @@ configs/sample.yaml."""
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import sys
 import time
@@ -35,9 +36,16 @@ OmegaConf.register_new_resolver("options", config_options, replace=True)  # for 
 # The results folder is named after the checkpoint; without one (an error, said by check_sample) a placeholder.
 OmegaConf.register_new_resolver("parent", lambda path: str(Path(path).parent) if path else ".", replace=True)
 OmegaConf.register_new_resolver("stem", lambda path: Path(path).stem if path else "no_checkpoint", replace=True)
-OmegaConf.register_new_resolver("suffix", lambda text: f"_{text}" if text else "", replace=True)
+OmegaConf.register_new_resolver("suffix", lambda text: f"_{folder_name(text)}" if text else "", replace=True)
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def folder_name(text: str) -> str:
+    """``text`` (the settings that name a results folder) in the characters Hydra's grammar reads as a plain value,
+    so that a path printed with it can be passed back as ``ckpt=PATH``: a list's commas become ``-`` and its
+    brackets, quotes and spaces are dropped (``labels-[3,5]`` -> ``labels-3-5``)."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "", text.replace(",", "-"))
 
 
 def pick_device(name: str) -> torch.device:
@@ -149,6 +157,8 @@ def use_posthoc_ema(model: DiffusionModel, checkpoint: dict[str, Any], cfg: Dict
         state |= {"state_dict": weights, "posthoc_ema": info}
         with atomic_path(out / "posthoc_ema.ckpt") as tmp:
             torch.save(state, tmp)
+        saved = out / "posthoc_ema.ckpt"
+        print(f"Wrote the post-hoc EMA's weights; sample from them with: python sample.py ckpt={saved}")
     return info
 
 

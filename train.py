@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from diffusion.errors import RunError, UserError, report_errors
 from diffusion.models.building import instantiate_setting
 from diffusion.models.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
 from diffusion.models.hparams import from_settings
+from diffusion.outputs.folders import check_writable
 from diffusion.settings import TrainSettings, check_sampling_steps, check_train, config_options
 from diffusion.training.module import DiffusionModule
 
@@ -51,7 +51,14 @@ def checkpoint_to_resume(cfg: DictConfig, hparams: dict[str, Any]) -> str | None
         path = Path(cfg.ckpt_path)
     else:
         path = find_last_checkpoint(Path(cfg.paths.output_dir), Path(cfg.paths.log_dir))
-    check_resumable(load_checkpoint(path), hparams, path)
+    checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint, hparams, path)
+    step, max_steps = checkpoint["global_step"], cfg.trainer.max_steps
+    if max_steps != -1 and step >= max_steps:
+        raise RunError(
+            f"{path} is at step {step}, and trainer.max_steps={max_steps}: resuming it would train nothing. To "
+            f"continue training, give a larger number of steps, e.g. trainer.max_steps={max(2 * step, step + 1000)}"
+        )
     rank_zero_info(f"Resuming from {path}")
     return str(path)
 
@@ -96,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_float32_matmul_precision(cfg.cuda_matmul_precision)
     run_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
-        check_writable(run_dir, [c.dirpath for c in trainer.checkpoint_callbacks], module)
+        check_run_folders(run_dir, [c.dirpath for c in trainer.checkpoint_callbacks], module)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     stopped_by = None
     try:
@@ -152,21 +159,13 @@ def resume_command(run_dir: Path, last: str) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-def check_writable(run_dir: Path, folders: list[str | None], module: DiffusionModule) -> None:
+def check_run_folders(run_dir: Path, folders: list[str | None], module: DiffusionModule) -> None:
     """Fails before training, with a message, when the run's folders cannot be written or the disk cannot hold a
     checkpoint (the weights, their average and AdamW's two moments: 16 bytes per parameter, twice, for the file
     being written beside the last one)."""
     needed = 2 * 16 * sum(p.numel() for p in module.parameters())
     for folder in [run_dir, *(Path(f) for f in folders if f)]:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            raise RunError(
-                f"cannot write to {folder} ({error.strerror or error}): the run keeps its checkpoints, samples and "
-                f"logs there. Fix the folder's permissions or point the run elsewhere with hydra.run.dir=PATH."
-            ) from None
+        check_writable(folder, "hydra.run.dir")
         free = shutil.disk_usage(folder).free
         if free < needed:
             raise RunError(

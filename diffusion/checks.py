@@ -6,7 +6,9 @@ Hydra builds (objectives, networks) check their values the same way."""
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from diffusion.errors import SettingError
@@ -20,12 +22,15 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def whole_number(key: str, value: Any, minimum: int, fix: str, *, allowed: tuple = ()) -> None:
-    """An int of at least ``minimum`` (or one of ``allowed``, e.g. ``None``)."""
+def whole_number(
+    key: str, value: Any, minimum: int, fix: str, *, allowed: tuple = (), maximum: float = math.inf
+) -> None:
+    """An int in [minimum, maximum] (or one of ``allowed``, e.g. ``None``)."""
     if value in allowed and not isinstance(value, bool):
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        fail(key, value, f"is not a whole number of at least {minimum}", fix)
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        at_most = f" and at most {int(maximum)}" if maximum < math.inf else ""
+        fail(key, value, f"is not a whole number of at least {minimum}{at_most}", fix)
 
 
 def number(key: str, value: Any, low: float, high: float, fix: str, *, open_low=False, open_high=False) -> None:
@@ -70,3 +75,33 @@ def known_keys(group: str, keys: Iterable[str], known: Sequence[str], *, what: s
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f"did you mean {group}.{close[0]}?" if close else f"its settings are {', '.join(known)}"
             raise SettingError(f"{group}.{key} is not a setting of {group}{f' ({what})' if what else ''}; {hint}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a numeric setting may lie: in [low, high] (either end open), an int when ``whole``, or exactly one of
+    ``allowed`` (``None`` for a setting that may be null, -1 for "no limit"). ``fix`` says what to give instead;
+    ``{key}`` in it is the key. With ``others`` set, a value that is not a number is left to that library's own
+    check (Lightning's ``trainer.devices`` also takes ``auto`` and lists)."""
+
+    low: float
+    high: float = math.inf
+    fix: str = ""
+    whole: bool = False
+    open_low: bool = False
+    open_high: bool = False
+    allowed: tuple = ()
+    others: str | None = None
+
+    def check(self, key: str, value: Any) -> None:
+        if any(value == a and type(value) is type(a) for a in self.allowed) or (value is None and None in self.allowed):
+            return
+        if self.others is not None and not is_number(value):
+            return
+        fix = self.fix.format(key=key) or f"see the comment on {key} in configs/"
+        if value is None:
+            fail(key, value, "must be given", fix)
+        if self.whole:
+            whole_number(key, value, math.ceil(self.low + self.open_low), fix, maximum=self.high)
+        else:
+            number(key, value, self.low, self.high, fix, open_low=self.open_low, open_high=self.open_high)

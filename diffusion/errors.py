@@ -11,7 +11,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 
 class UserError(Exception):
@@ -46,8 +46,13 @@ def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as error:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            if is_rank_zero():
-                print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(1) from None
+            exit_with(error)
 
     return wrapper
+
+
+def exit_with(error: UserError) -> NoReturn:
+    """Ends the program with ``error: MESSAGE`` on stderr (the first process of a run only) and exit status 1."""
+    if is_rank_zero():
+        print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(1) from None

@@ -6,7 +6,10 @@ wrong type or a key that does not exist stops the run when the command line is r
 the key. No field has a default here: every default lives in the YAML. Ranges and combinations, which a type
 cannot say, are checked by :func:`check_train` and :func:`check_sample` on the plain resolved settings, before any
 work starts; each problem is one :class:`~diffusion.errors.SettingError` that names the key, the value and the fix
-(:mod:`diffusion.checks`).
+(:mod:`diffusion.checks`). Every number has its range in one table, :data:`TRAIN_RANGES`, :data:`SAMPLER_RANGES`
+and :data:`SAMPLE_RANGES` (tests/test_settings.py fails on a numeric setting of any config without one); a few
+settings whose check is more than a range (lists, choices, combinations) are checked in code, and named in
+:data:`CHECKED_IN_CODE`.
 
 The ``model`` and ``diffusion`` groups are the arguments of the classes they name as ``_target_`` (a network, an
 objective: a user's own as well as this project's), so their keys and values are checked by those classes when
@@ -24,11 +27,11 @@ from typing import Any, get_args
 from omegaconf import MISSING
 
 from diffusion import checks
+from diffusion.checks import Range
 from diffusion.core.denoiser import check_dynamic_threshold
 from diffusion.core.lr_schedule import LRShape
 from diffusion.core.posthoc_ema import check_sigma_rel
 from diffusion.core.reverse import Variance
-from diffusion.core.samplers.ddim import check_eta
 from diffusion.core.samplers.heun import check_churn
 from diffusion.core.schedules import Spacing
 from diffusion.errors import RunError, SettingError
@@ -117,6 +120,98 @@ class SampleSettings:
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # where this project trains (Lightning names)
+FEATURES = (64, 192, 768, 2048)  # torch-fidelity's Inception-v3 feature sizes, for FID and KID
+
+DROPOUT = "the share of labels dropped for classifier-free guidance, e.g. 0.1 (1 or more would drop them all)"
+EVERY_N_EPOCHS = "e.g. trainer.check_val_every_n_epoch=5, or null with trainer.val_check_interval=STEPS"
+
+# The options of a sampler, wherever one is configured: sampler, callbacks.previews.sampler, callbacks.fid.sampler.
+SAMPLER_RANGES = {
+    "steps": Range(1, whole=True, fix="give the sampler's number of steps, e.g. {key}=50"),
+    "eta": Range(0, 1, fix="0 is deterministic DDIM, 1 ancestral"),
+    "corrector_steps": Range(0, whole=True, fix="0 runs no Langevin corrector, e.g. {key}=1"),
+    "snr": Range(0, open_low=True, fix="the corrector's signal-to-noise ratio, e.g. 0.16"),
+    "sigma_min": Range(0, open_low=True, fix="the smallest sigma of Heun's grid, e.g. 0.002"),
+    "sigma_max": Range(0, open_low=True, fix="the largest sigma of Heun's grid, e.g. 80"),
+    "rho": Range(0, open_low=True, fix="the exponent of Heun's grid, EDM's 7"),
+    "s_churn": Range(0, fix="the total churn, 0 for the deterministic Algorithm 1"),
+    "s_min": Range(0, fix="the smallest sigma that churns, e.g. 0.05"),
+    "s_max": Range(0, fix="the largest sigma that churns, e.g. 50 (.inf: all)"),
+    "s_noise": Range(0, open_low=True, fix="the scale of the churn's noise, e.g. 1.003"),
+}
+SAMPLERS = ("sampler", "callbacks.previews.sampler", "callbacks.fid.sampler")
+
+TRAIN_RANGES = {
+    "seed": Range(0, 2**32 - 1, whole=True, fix="e.g. seed=0"),
+    "dataset.image_size": Range(4, whole=True, fix="give the image side in pixels, e.g. dataset.image_size=32"),
+    "dataset.channels": Range(1, 3, whole=True, fix="1 (grayscale) or 3 (RGB)"),
+    "dataset.num_classes": Range(1, whole=True, allowed=(None,), fix="null for a dataset without classes"),
+    "dataset.batch_size": Range(1, whole=True, fix="give the images per batch and device, e.g. dataset.batch_size=64"),
+    "dataset.val_fraction": Range(0, 1, open_low=True, open_high=True, fix="the share held out, e.g. 0.05"),
+    "dataset.num_workers": Range(0, whole=True, fix="0 loads in the training process"),
+    "diffusion.label_dropout": Range(0, 1, open_high=True, fix=DROPOUT),
+    "optimizer.lr": Range(0, open_low=True, fix="give a learning rate, e.g. optimizer.lr=2e-4"),
+    "optimizer.eps": Range(0, open_low=True, fix="e.g. 1e-8"),
+    "optimizer.weight_decay": Range(0, fix="0 for none"),
+    "optimizer.warmup_steps": Range(0, whole=True, fix="0 starts at the full learning rate"),
+    "optimizer.min_lr_ratio": Range(0, 1, fix="e.g. 0.05"),
+    "trainer.max_steps": Range(1, whole=True, allowed=(-1,), fix="give the number of optimizer steps, e.g. {key}=2500"),
+    "trainer.max_epochs": Range(1, whole=True, allowed=(-1, None), fix="-1 for no limit (trainer.max_steps ends it)"),
+    "trainer.devices": Range(1, whole=True, allowed=(-1,), others="Lightning", fix="e.g. {key}=2, or -1 for all"),
+    "trainer.num_nodes": Range(1, whole=True, fix="e.g. {key}=1"),
+    "trainer.log_every_n_steps": Range(1, whole=True, fix="e.g. {key}=25"),
+    "trainer.accumulate_grad_batches": Range(1, whole=True, fix="1 steps after every batch"),
+    "trainer.gradient_clip_val": Range(0, allowed=(None,), fix="null or 0 for no clipping, e.g. 1.0"),
+    "trainer.check_val_every_n_epoch": Range(1, whole=True, allowed=(None,), fix=EVERY_N_EPOCHS),
+    "trainer.val_check_interval": Range(0, open_low=True, allowed=(None,), fix="steps (an int) or a share of an epoch"),
+    "trainer.limit_val_batches": Range(0, fix="batches (an int) or a share of the validation split (a float to 1.0)"),
+    "trainer.num_sanity_val_steps": Range(-1, whole=True, fix="0 for none, -1 for all"),
+    "callbacks.ema.half_life_images": Range(0, open_low=True, fix="e.g. 8850"),
+    "callbacks.ema.rampup_ratio": Range(0, 1, open_low=True, allowed=(None,), fix="null for no warm-up, e.g. 0.05"),
+    "callbacks.posthoc_ema.every_n_images": Range(0, whole=True, fix="0 switches post-hoc EMA off, e.g. 131072"),
+    "callbacks.previews.every_n_steps": Range(0, whole=True, fix="0 draws only at the end, e.g. {key}=500"),
+    "callbacks.previews.steps": Range(1, whole=True, allowed=(None,), fix="or null for the sampler's own"),
+    "callbacks.previews.num_images": Range(1, whole=True, fix="e.g. {key}=64"),
+    "callbacks.previews.gif_images": Range(1, whole=True, fix="e.g. {key}=16"),
+    "callbacks.previews.gif_frames": Range(0, whole=True, fix="0 writes no GIF, e.g. {key}=40"),
+    "callbacks.previews.guidance": Range(0, fix="1 is no guidance, e.g. 3.0"),
+    "callbacks.previews.seed": Range(0, 2**32 - 1, whole=True, fix="e.g. {key}=0"),
+    "callbacks.fid.every_n_epochs": Range(0, whole=True, fix="0 switches the training FID off"),
+    "callbacks.fid.steps": Range(1, whole=True, allowed=(None,), fix="or null for the sampler's own"),
+    "callbacks.fid.num_samples": Range(1, whole=True, fix="e.g. {key}=1000"),
+    "callbacks.fid.reference_images": Range(1, whole=True, fix="e.g. {key}=10000"),
+    "callbacks.fid.batch_size": Range(1, whole=True, fix="e.g. {key}=250"),
+    "callbacks.fid.kid_subset_size": Range(2, whole=True, fix="e.g. {key}=1000"),
+    "callbacks.fid.seed": Range(0, 2**32 - 1, whole=True, fix="e.g. {key}=0"),
+    "callbacks.model_checkpoint.every_n_train_steps": Range(0, whole=True, fix="0: only last.ckpt, e.g. 1000"),
+    "callbacks.model_checkpoint.save_top_k": Range(-1, whole=True, fix="-1 keeps every periodic checkpoint"),
+    "callbacks.progress_bar.refresh_rate": Range(0, whole=True, fix="steps between updates, 0 for no bar"),
+}
+
+SAMPLE_RANGES = {
+    "n": Range(1, whole=True, fix="give the number of images, e.g. n=64"),
+    "batch_size": Range(1, whole=True, fix="give the images per batch, e.g. batch_size=64"),
+    "guidance": Range(0, fix="1 is no guidance, 0 the unconditional model, e.g. 3.0"),
+    "seed": Range(0, 2**32 - 1, whole=True, fix="e.g. seed=0"),
+    "grid_images": Range(1, whole=True, fix="give the images in grid.png, e.g. grid_images=64"),
+    "gif_images": Range(1, whole=True, fix="give the images in process.gif, e.g. gif_images=16"),
+    "gif_frames": Range(2, whole=True, fix="give the frames of process.gif, e.g. gif_frames=60"),
+    "eval.batches": Range(1, whole=True, allowed=(None,), fix="null for the whole split, e.g. eval.batches=10"),
+    "eval.reference_images": Range(1, whole=True, allowed=(None,), fix="null for all the training images"),
+    "eval.kid_subset_size": Range(2, whole=True, fix="e.g. eval.kid_subset_size=1000"),
+}
+
+# Numeric settings checked in code rather than by a range: lists, choices among numbers, and settings whose range
+# is the core's own check (one definition, the one the code that uses them runs).
+CHECKED_IN_CODE = (
+    "dataset.background",  # three values in 0-255
+    "optimizer.betas",  # two numbers in [0, 1)
+    "callbacks.posthoc_ema.sigma_rels",  # lengths in the post-hoc EMA's range (diffusion.core.posthoc_ema)
+    "callbacks.fid.feature",  # an Inception feature size, or a feature network
+    "eval.feature",
+    "ema_length",  # sample.py: a length in the post-hoc EMA's range
+    "dynamic_threshold",  # sample.py: a percentile (diffusion.core.denoiser)
+)
 
 
 def config_options(group: str) -> str:
@@ -124,23 +219,22 @@ def config_options(group: str) -> str:
     return ", ".join(sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")))
 
 
-def _get(settings: dict, key: str) -> Any:
+def _lookup(settings: dict, key: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted ``key``; not found when a group on the way is absent (``~callbacks.fid``)."""
     node: Any = settings
     for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
         node = node[part]
-    return node
+    return True, node
 
 
-def _integer(settings: dict, key: str, minimum: int, fix: str, *, allowed: tuple = ()) -> None:
-    checks.whole_number(key, _get(settings, key), minimum, fix, allowed=allowed)
-
-
-def _number(settings: dict, key: str, low: float, high: float, fix: str, **ends: bool) -> None:
-    checks.number(key, _get(settings, key), low, high, fix, **ends)
-
-
-def _choice(settings: dict, key: str, choices: tuple) -> None:
-    checks.choice(key, _get(settings, key), choices)
+def check_ranges(settings: dict, table: dict[str, Range]) -> None:
+    """Every setting of ``table`` that ``settings`` has, in its range."""
+    for key, allowed in table.items():
+        found, value = _lookup(settings, key)
+        if found:
+            allowed.check(key, value)
 
 
 def _by_the_core(key: str, value: Any, check: Callable[[Any], None]) -> None:
@@ -152,22 +246,20 @@ def _by_the_core(key: str, value: Any, check: Callable[[Any], None]) -> None:
         raise SettingError(f"{key}={value!r}: {error}") from None
 
 
-def check_sampler(settings: dict, key: str = "sampler") -> None:
-    sampler = _get(settings, key)
-    _integer(settings, f"{key}.steps", 1, f"give the sampler's number of steps, e.g. {key}.steps=50")
+def check_sampler(settings: dict, key: str) -> None:
+    """A sampler's choices and combinations (its numbers are in :data:`SAMPLER_RANGES`)."""
+    found, sampler = _lookup(settings, key)
+    if not found:
+        return
     if "spacing" in sampler:
-        _choice(settings, f"{key}.spacing", get_args(Spacing))
-    if "eta" in sampler:
-        _by_the_core(f"{key}.eta", sampler["eta"], check_eta)
+        checks.choice(f"{key}.spacing", sampler["spacing"], get_args(Spacing))
     if "variance" in sampler and sampler["variance"] is not None:
-        _choice(settings, f"{key}.variance", get_args(Variance))
+        checks.choice(f"{key}.variance", sampler["variance"], get_args(Variance))
     if "s_churn" in sampler:
         churn = {k: sampler[k] for k in ("s_churn", "s_min", "s_max", "s_noise")}
         _by_the_core(f"{key}.s_churn", sampler["s_churn"], lambda _: check_churn(**churn))
-    if "corrector_steps" in sampler:
-        _integer(settings, f"{key}.corrector_steps", 0, f"0 runs no Langevin corrector, e.g. {key}.corrector_steps=1")
-    if "snr" in sampler:
-        _number(settings, f"{key}.snr", 0, float("inf"), "the corrector's signal-to-noise ratio, 0.16", open_low=True)
+    if "sigma_min" in sampler and sampler["sigma_min"] > sampler["sigma_max"]:
+        checks.fail(f"{key}.sigma_min", sampler["sigma_min"], f"lies above {key}.sigma_max", "lower it")
 
 
 def check_known_keys(settings: dict, group: str, schema: type) -> None:
@@ -176,66 +268,44 @@ def check_known_keys(settings: dict, group: str, schema: type) -> None:
     checks.known_keys(group, settings[group], [f.name for f in fields(schema)])
 
 
-def check_module_keys(settings: dict) -> None:
-    """The keys of ``model`` and ``diffusion`` that the training module reads itself, not the network or the
-    objective."""
-    for key in ("compile", "channels_last", "checkpointing"):
-        checks.flag(f"model.{key}", settings["model"].get(key))
-    _number(
-        settings, "diffusion.label_dropout", 0, 1,
-        "it is the share of labels dropped for classifier-free guidance, e.g. 0.1 (1 or more would drop them all)",
-        open_high=True,
-    )  # fmt: skip
-
-
-def check_optimizer(settings: dict) -> None:
-    _number(settings, "optimizer.lr", 0, float("inf"), "give a learning rate, e.g. optimizer.lr=2e-4", open_low=True)
-    betas = settings["optimizer"]["betas"]
-    ok = isinstance(betas, list) and len(betas) == 2 and all(checks.is_number(b) and 0 <= b < 1 for b in betas)
-    if not ok:
-        checks.fail("optimizer.betas", betas, "is not two numbers in [0, 1)", "e.g. optimizer.betas=[0.9,0.999]")
-    _number(settings, "optimizer.eps", 0, float("inf"), "e.g. 1e-8", open_low=True)
-    _number(settings, "optimizer.weight_decay", 0, float("inf"), "0 for none")
-    _integer(settings, "optimizer.warmup_steps", 0, "0 starts at the full learning rate")
-    _choice(settings, "optimizer.lr_schedule", get_args(LRShape))
-    _number(settings, "optimizer.min_lr_ratio", 0, 1, "e.g. 0.05")
-
-
-def check_dataset(settings: dict) -> None:
-    _integer(settings, "dataset.batch_size", 1, "give the images per batch and device, e.g. dataset.batch_size=64")
-    _integer(settings, "dataset.image_size", 4, "give the image side in pixels, e.g. dataset.image_size=32")
-    _number(settings, "dataset.val_fraction", 0, 1, "the share held out for val/loss, e.g. 0.05", open_high=True)
-    _integer(settings, "dataset.num_workers", 0, "0 loads in the training process")
-    _integer(settings, "dataset.num_classes", 1, "null for a dataset without classes", allowed=(None,))
+def check_background(settings: dict) -> None:
     background = settings["dataset"]["background"]
-    if not (isinstance(background, list) and len(background) == 3 and all(0 <= v <= 255 for v in background)):
+    ok = isinstance(background, list) and len(background) == 3
+    if not (ok and all(checks.is_number(v) and 0 <= v <= 255 for v in background)):
         checks.fail(
             "dataset.background", background, "is not an RGB colour", "three values in 0-255, e.g. [255,255,255]"
         )
 
 
-def check_callbacks(settings: dict) -> None:
-    """The settings of the project's own callbacks; Lightning's own are checked by Lightning (see train.build)."""
+def check_lists(settings: dict) -> None:
+    """The numeric lists and choices of :data:`CHECKED_IN_CODE` that train.py takes."""
+    betas = settings["optimizer"]["betas"]
+    ok = isinstance(betas, list) and len(betas) == 2 and all(checks.is_number(b) and 0 <= b < 1 for b in betas)
+    if not ok:
+        checks.fail("optimizer.betas", betas, "is not two numbers in [0, 1)", "e.g. optimizer.betas=[0.9,0.999]")
+    check_background(settings)
     callbacks = settings.get("callbacks") or {}
-    if callbacks.get("ema"):
-        _number(settings, "callbacks.ema.half_life_images", 0, float("inf"), "e.g. 8850", open_low=True)
-        _number(settings, "callbacks.ema.rampup_ratio", 0, 1, "null for no warm-up, e.g. 0.05", open_low=True)
+    if callbacks.get("posthoc_ema"):
+        lengths = callbacks["posthoc_ema"]["sigma_rels"]
+        if not isinstance(lengths, list) or not lengths or len(set(lengths)) != len(lengths):
+            why = "is not a list of different lengths"
+            checks.fail("callbacks.posthoc_ema.sigma_rels", lengths, why, "e.g. [0.05,0.1]")
+        _by_the_core("callbacks.posthoc_ema.sigma_rels", lengths, check_sigma_rel)
     if callbacks.get("fid"):
-        _integer(settings, "callbacks.fid.every_n_epochs", 0, "0 switches the training FID off")
-        for key in ("num_samples", "reference_images", "batch_size"):
-            _integer(settings, f"callbacks.fid.{key}", 1, f"e.g. callbacks.fid.{key}=1000")
-        _integer(settings, "callbacks.fid.kid_subset_size", 2, "e.g. callbacks.fid.kid_subset_size=1000")
-        _integer(settings, "callbacks.fid.steps", 1, "or null for the sampler's own", allowed=(None,))
-        check_sampler(settings, "callbacks.fid.sampler")
-    if callbacks.get("model_checkpoint"):
-        _integer(settings, "callbacks.model_checkpoint.every_n_train_steps", 0, "0: only last.ckpt, e.g. 1000")
-        _integer(settings, "callbacks.model_checkpoint.save_top_k", -1, "-1 keeps every periodic checkpoint")
-    if callbacks.get("previews"):
-        for key in ("num_images", "gif_images"):
-            _integer(settings, f"callbacks.previews.{key}", 1, f"e.g. callbacks.previews.{key}=16")
-        _integer(settings, "callbacks.previews.gif_frames", 0, "0 writes no GIF, e.g. callbacks.previews.gif_frames=40")
-        _integer(settings, "callbacks.previews.steps", 1, "or null for the sampler's own", allowed=(None,))
-        _number(settings, "callbacks.previews.guidance", 0, float("inf"), "1 is no guidance, e.g. 3.0")
+        check_feature(settings, "callbacks.fid.feature")
+
+
+def check_feature(settings: dict, key: str) -> None:
+    """FID's features: an Inception-v3 size of torch-fidelity's, or a feature network (a node with ``_target_``)."""
+    found, feature = _lookup(settings, key)
+    if found and not isinstance(feature, dict):
+        checks.choice(key, feature, FEATURES)
+
+
+def check_module_keys(settings: dict) -> None:
+    """The keys of ``model`` that the training module reads itself, not the network."""
+    for key in ("compile", "channels_last", "checkpointing"):
+        checks.flag(f"model.{key}", settings["model"].get(key))
 
 
 def check_sampling_steps(settings: dict, max_steps: int | None) -> None:
@@ -248,9 +318,8 @@ def check_sampling_steps(settings: dict, max_steps: int | None) -> None:
         steps = callback and (callback.get("steps") or settings["sampler"]["steps"])
         if steps and steps > max_steps:
             key = f"callbacks.{name}.steps" if callback.get("steps") else "sampler.steps"
-            checks.fail(
-                key, steps, f"is more than the {max_steps} noise levels of this model (diffusion.timesteps)", "lower it"
-            )
+            why = f"is more than the {max_steps} noise levels of this model (diffusion.timesteps)"
+            checks.fail(key, steps, why, "lower it")
 
 
 def check_train(settings: dict, cuda_available: bool) -> None:
@@ -258,29 +327,22 @@ def check_train(settings: dict, cuda_available: bool) -> None:
     module docstring)."""
     for group, schema in (("dataset", DatasetSettings), ("optimizer", OptimizerSettings)):
         check_known_keys(settings, group, schema)
-    check_dataset(settings)
+    check_ranges(settings, TRAIN_RANGES | {f"{at}.{name}": r for at in SAMPLERS for name, r in SAMPLER_RANGES.items()})
+    check_lists(settings)
     check_module_keys(settings)
-    check_optimizer(settings)
-    check_callbacks(settings)
-    check_sampler(settings)
-    trainer, optimizer = settings["trainer"], settings["optimizer"]
-    if trainer.get("max_steps") == -1:
-        if optimizer["lr_schedule"] == "cosine":
-            checks.fail(
-                "trainer.max_steps",
-                -1,
-                "(no limit) leaves the cosine learning-rate schedule without a length",
-                "give the run a length (trainer.max_steps=N) or use optimizer.lr_schedule=constant",
-            )
-    else:
-        _integer(settings, "trainer.max_steps", 1, "give the number of optimizer steps, e.g. trainer.max_steps=2500")
+    checks.choice("optimizer.lr_schedule", settings["optimizer"]["lr_schedule"], get_args(LRShape))
+    for key in SAMPLERS:
+        check_sampler(settings, key)
+    trainer = settings["trainer"]
+    if trainer.get("max_steps") == -1 and settings["optimizer"]["lr_schedule"] == "cosine":
+        checks.fail(
+            "trainer.max_steps",
+            -1,
+            "(no limit) leaves the cosine learning-rate schedule without a length",
+            "give the run a length (trainer.max_steps=N) or use optimizer.lr_schedule=constant",
+        )
     accelerator = str(trainer.get("accelerator", "auto"))
     checks.choice("trainer.accelerator", accelerator, ACCELERATORS)
-    for key in ("log_every_n_steps", "accumulate_grad_batches"):
-        if key in trainer:
-            _integer(settings, f"trainer.{key}", 1, f"e.g. trainer.{key}=1")
-    if "gradient_clip_val" in trainer:
-        _number(settings, "trainer.gradient_clip_val", 0, float("inf"), "null or 0 for no clipping, e.g. 1.0")
     if accelerator in ("gpu", "cuda") and not cuda_available:
         checks.fail(
             "trainer.accelerator",
@@ -298,15 +360,9 @@ def check_sample(settings: dict) -> None:
             "sample.py needs a checkpoint: give it as ckpt=PATH, e.g. "
             "ckpt=outputs/2026-11-22/10-00-00/checkpoints/last.ckpt"
         )
-    _integer(settings, "n", 1, "give the number of images, e.g. n=64")
-    _integer(settings, "batch_size", 1, "give the images per batch, e.g. batch_size=64")
-    _integer(settings, "grid_images", 1, "give the images in grid.png, e.g. grid_images=64")
-    _integer(settings, "gif_images", 1, "give the images in process.gif, e.g. gif_images=16")
-    _integer(settings, "gif_frames", 2, "give the frames of process.gif, e.g. gif_frames=60")
-    if not settings["guidance"] >= 0:
-        checks.fail(
-            "guidance", settings["guidance"], "is negative", "1 is no guidance, 0 the unconditional model, e.g. 3.0"
-        )
+    check_ranges(settings, SAMPLE_RANGES | {f"sampler.{name}": r for name, r in SAMPLER_RANGES.items()})
+    check_sampler(settings, "sampler")
+    check_feature(settings, "eval.feature")
     _by_the_core("dynamic_threshold", settings["dynamic_threshold"], check_dynamic_threshold)
     if str(settings["precision"]) not in ("32", "bf16", "16"):
         checks.fail("precision", settings["precision"], "is not one of 32, bf16, 16", "e.g. precision=bf16 on a GPU")
@@ -319,4 +375,3 @@ def check_sample(settings: dict) -> None:
             checks.fail(
                 "ema", False, "samples the raw weights, and ema_length reconstructs an average", "leave ema=true"
             )
-    check_sampler(settings)

@@ -4,6 +4,7 @@ new bad input: one line."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.data.prepare import main as prepare_main
 from sample import main as sample_main
-from tests.helpers import compose_config, run_script
+from tests.helpers import ROOT, compose_config, run_script, write_image_folder
 from train import main as train_main
 from train import train
 
@@ -44,7 +46,7 @@ CATALOGUE = [
     ),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=abc"], ["error: sampler.steps='abc'"]),
     ("sample.py", ["ckpt=EDM", "eval=nll"], ["error: eval=nll is the discrete variational bound", "eval=fid"]),
-    ("sample.py", ["ckpt=CKPT", "sampler=heun", "sampler.s_churn=-1"], ["error: sampler.s_churn=-1", "at least 0"]),
+    ("sample.py", ["ckpt=CKPT", "sampler=heun", "sampler.s_churn=-1"], ["error: sampler.s_churn=-1", "total churn"]),
     ("train.py", ["diffusion=edm", "diffusion.learned_variance=true"], ["diffusion.learned_variance", "not in struct"]),
     (
         "train.py",
@@ -54,12 +56,12 @@ CATALOGUE = [
     (
         "train.py",
         ["callbacks.posthoc_ema.every_n_images=-1"],
-        ["error: callbacks.posthoc_ema: every_n_images=-1", "0 switches post-hoc EMA off"],
+        ["error: callbacks.posthoc_ema.every_n_images=-1", "0 switches post-hoc EMA off"],
     ),
     (
         "train.py",
         ["callbacks.posthoc_ema.sigma_rels=[0.05,0.5]"],
-        ["error: callbacks.posthoc_ema: sigma_rels=[0.05, 0.5]", "[0.01, 0.28]"],
+        ["error: callbacks.posthoc_ema.sigma_rels=[0.05, 0.5]", "[0.01, 0.28]"],
     ),
     ("sample.py", ["ckpt=CKPT", "ema_length=0.5"], ["error: ema_length=0.5", "[0.01, 0.28]"]),
     ("sample.py", ["ckpt=CKPT", "ema_length=0.08", "ema=false"], ["error: ema=False", "leave ema=true"]),
@@ -128,6 +130,56 @@ CATALOGUE = [
     # values a library refuses: the project's paragraph, naming the key, not Hydra's "Error in call to target"
     ("train.py", ["trainer.precision=bogus"], ["error: trainer: Precision 'bogus' is invalid", "trainer.KEY"]),
     ("train.py", ["+callbacks.ema.foo=1"], ["error: callbacks.ema:", "unexpected keyword argument 'foo'"]),
+    # the prepare command: train.py's typed dataset settings and ranges, and its two folders
+    ("prepare", ["IMAGES", "OUT", "dataset.image_size=abc"], ["error:", "image_size=abc", "converted to Integer"]),
+    ("prepare", ["IMAGES", "OUT", "dataset.image_size=0"], ["error: dataset.image_size=0 is not a whole number"]),
+    ("prepare", ["IMAGES", "OUT", "dataset.val_fraction=1.5"], ["error: dataset.val_fraction=1.5 is not a number"]),
+    ("prepare", ["IMAGES", "OUT", "dataset.size=8"], ["error: 'dataset.size=8' is not a setting", "image_size"]),
+    ("prepare", ["IMAGES", "OUT", "dataset.strict=maybe"], ["error:", "dataset.strict=maybe", "not a valid bool"]),
+    ("prepare", ["IMAGES", "FILE", "dataset.image_size=8"], ["error: the output", "is a file"]),
+    ("prepare", ["RUN/nothing", "OUT", "dataset.image_size=8"], ["error: the source", "does not exist"]),
+    ("prepare", ["IMAGES", "RUN", "dataset.image_size=8"], ["error:", "already holds files"]),
+    ("prepare", ["IMAGES", "OUT", "dataset.image_size=8"], ["error:", "1 usable image(s): too few", "val_fraction"]),
+    # files read back: each checked before it is used, a damaged one named with what to do
+    (
+        "sample.py",
+        ["ckpt=SNAPSHOT_CUT", "ema_length=0.08"],
+        ["error: the post-hoc EMA snapshot", "step_0000002.pt is not readable", "Remove it"],
+    ),
+    (
+        "sample.py",
+        ["ckpt=SNAPSHOT_LENGTHS", "ema_length=0.08"],
+        ["error:", "step_0000002.pt tracks the EMA lengths [0.05, 0.2]", "another run's", "ema_snapshots=PATH"],
+    ),
+    (
+        "sample.py",
+        ["ckpt=SNAPSHOT_SHAPES", "ema_length=0.08"],
+        ["error:", "step_0000002.pt holds the weights of another network", "move it out of the folder"],
+    ),
+    *(
+        (
+            "train.py",
+            ["dataset=streaming", f"dataset.root=STREAM_{name}", "dataset.image_size=8", "model.channel_mult=[1]"],
+            ["error:", file, "is damaged", "python -m diffusion.data.prepare"],
+        )
+        for name, file in (("JSON", "dataset.json"), ("INDEX", "index.json"), ("CHUNK", ".bin"))
+    ),
+    # every number in its range (diffusion/settings.py's tables), samplers', callbacks' and trainer's included
+    ("sample.py", ["ckpt=CKPT", "sampler=heun", "sampler.rho=0"], ["error: sampler.rho=0 is not a number in (0, inf]"]),
+    ("sample.py", ["ckpt=CKPT", "sampler=heun", "sampler.sigma_min=100"], ["error: sampler.sigma_min=100", "above"]),
+    ("train.py", ["trainer.check_val_every_n_epoch=0"], ["error: trainer.check_val_every_n_epoch=0"]),
+    ("train.py", ["trainer.devices=0"], ["error: trainer.devices=0", "-1 for all"]),
+    ("train.py", ["callbacks.previews.every_n_steps=abc"], ["error: callbacks.previews.every_n_steps='abc'"]),
+    ("train.py", ["callbacks.previews.every_n_steps=-1"], ["error: callbacks.previews.every_n_steps=-1"]),
+    ("train.py", ["sampler=sde", "sampler.snr=0"], ["error: sampler.snr=0", "signal-to-noise"]),
+    ("train.py", ["seed=-3"], ["error: seed=-3"]),
+    ("sample.py", ["ckpt=CKPT", "eval=fid", "eval.feature=100"], ["error: eval.feature=100", "2048"]),
+    # a run that would do nothing
+    (
+        "train.py",
+        ["ckpt_path=CKPT", "trainer.max_steps=1"],
+        ["error:", "is at step 1, and trainer.max_steps=1: resuming it would train nothing", "trainer.max_steps=1001"],
+    ),
     # the network and the objective are the classes their _target_ names, with those classes' settings
     ("train.py", ["model=custom"], ["error: model._target_ must be given", "model._target_=mypackage.MyNet"]),
     ("train.py", ["model._target_=nowhere.Net"], ["error: model._target_='nowhere.Net' cannot be imported"]),
@@ -157,7 +209,38 @@ def files(tmp_path_factory) -> dict[str, Path]:
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(broken / "ok.png")
     (broken / "cut.png").write_bytes((broken / "ok.png").read_bytes()[:2000])  # a header, then nothing
+    (root / "a_file").write_text("not a folder")
+    snapshots = {}  # an old run's post-hoc EMA snapshots, one of them cut short or another run's
+    for name in ("cut", "lengths", "shapes"):
+        old_run = shutil.copytree(ROOT / "tests" / "data" / "checkpoints_38efebf" / "edm", root / f"snapshots_{name}")
+        snapshot = old_run / "ema_snapshots" / "step_0000002.pt"
+        if name == "cut":
+            snapshot.write_bytes(snapshot.read_bytes()[:5000])
+        else:
+            state = torch.load(snapshot, weights_only=True)
+            if name == "lengths":
+                state["sigma_rels"] = [0.05, 0.2]
+            else:
+                key = next(iter(state["averages"][0]))
+                state["averages"][0][key] = torch.zeros(3)
+            torch.save(state, snapshot)
+        snapshots[f"SNAPSHOT_{name.upper()}"] = old_run / "checkpoints" / "last.ckpt"
+    streams = {}  # a prepared folder, and copies with a damaged description, index or chunk
+    write_image_folder(root / "images", {"a": 6})
+    prepare_main([str(root / "images"), str(root / "stream"), "dataset.image_size=8", "--workers", "1"])
+    for name, file, damage in [("JSON", "dataset.json", b"{bad"), ("INDEX", "train/index.json", b"[]")]:
+        copy = shutil.copytree(root / "stream", root / f"stream_{name.lower()}")
+        (copy / file).write_bytes(damage)
+        streams[f"STREAM_{name}"] = copy
+    copy = shutil.copytree(root / "stream", root / "stream_chunk")
+    chunk = next((copy / "train").glob("*.bin"))
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    streams["STREAM_CHUNK"] = copy
     return {
+        **snapshots,
+        **streams,
+        "IMAGES": broken,
+        "FILE": root / "a_file",
         "CKPT": run / "checkpoints" / "last.ckpt",
         "EDM": edm / "checkpoints" / "last.ckpt",
         "EMPTY": root / "empty.ckpt",
@@ -167,7 +250,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def run_entry_point(script: str, arguments: list[str], out: Path, capsys) -> tuple[int, str]:
     """The entry point's task as Hydra's command line runs it (composition, then the error reporter around the
-    task), in this process: (exit status, stderr). Composition errors are reported as Hydra reports them."""
+    task), in this process: (exit status, stderr). Composition errors are reported as Hydra reports them. The
+    prepare command is its own main (python -m diffusion.data.prepare)."""
+    if script == "prepare":
+        try:
+            return prepare_main([a.replace("OUT", str(out)) for a in arguments]), capsys.readouterr().err
+        except SystemExit as stop:
+            return int(stop.code or 0), capsys.readouterr().err
     name = script.removesuffix(".py")
     try:
         cfg = compose_config(name, arguments, out)
@@ -214,6 +303,26 @@ def test_the_command_line_reports_without_a_traceback(tmp_path, script, argument
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "arguments", "key"),
+    [
+        ("train.py", ["debug=smoke", "hydra.run.dir=FILE/run"], "hydra.run.dir"),
+        ("train.py", ["-m", "debug=smoke", "seed=1,2", "hydra.sweep.dir=FILE/sweep"], "hydra.sweep.dir"),
+        ("sample.py", ["ckpt=FILE.ckpt", "out_dir=FILE/out"], "out_dir"),
+    ],
+)
+def test_an_output_folder_that_cannot_be_made_is_one_paragraph(tmp_path, script, arguments, key):
+    """Hydra makes the run's folder before the task starts; one that cannot be made (here through a file, as on a
+    read-only or virtual filesystem) is said in one paragraph naming the setting, before Hydra's traceback could."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_script(script, *(a.replace("FILE", str(blocker)) for a in arguments))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"error: cannot write to {blocker}" in result.stderr and f"{key}=PATH" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_errors_are_the_users_by_their_type_not_by_where_they_were_raised():
     """A SettingError or RunError is reported as one paragraph wherever it comes from; any other error, a
     ValueError of the project's own core included, keeps its traceback."""
@@ -252,13 +361,23 @@ def test_a_value_error_inside_the_network_mid_run_shows_its_traceback(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_bad_input_under_two_processes_prints_one_message(tmp_path):
-    """Both processes of a two-process run meet the same bad input (a class count the data does not have, found
-    in setup, after the second process started): one message, no traceback, status 1."""
-    result = run_script(
-        "train.py", "debug=smoke", "trainer.devices=2", "model.num_classes=5", f"hydra.run.dir={tmp_path / 'run'}"
-    )
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_classes=5"], "error: model.num_classes is 5 but the dataset has 10 classes"),
+        (["dataset=cifar", "dataset.root=FILE/cifar"], "error: CIFAR-10 is not in"),
+    ],
+    ids=["in-setup", "in-prepare-data"],
+)
+def test_a_bad_input_under_two_processes_prints_one_message(tmp_path, overrides, message):
+    """Both processes of a two-process run meet the bad input after the second process started: a class count the
+    data does not have (found in setup, on every process), or data that cannot be downloaded (found in
+    prepare_data, which Lightning runs on the first process only while the second waits): one message, no traceback
+    (the second process's connection error included), status 1."""
+    (tmp_path / "file").write_text("not a folder")  # the data's folder cannot be made in it, online or not
+    overrides = [o.replace("FILE", str(tmp_path / "file")) for o in overrides]
+    result = run_script("train.py", "debug=smoke", "trainer.devices=2", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1" in result.stdout + result.stderr  # it got that far
-    assert result.stderr.count("error: model.num_classes is 5 but the dataset has 10 classes") == 1, result.stderr
+    assert result.stderr.count(message) == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -137,11 +137,6 @@ def test_the_ema_offers_its_weights_for_sampling(tmp_path):
     assert module.weights_for_sampling() is module.model
 
 
-def test_bad_ema_settings_are_refused():
-    with pytest.raises(ValueError, match="half-life"):
-        EMA(half_life_images=0, rampup_ratio=0.05)
-
-
 # ---------------------------------------------------------------- whole runs
 
 

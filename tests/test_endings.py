@@ -203,7 +203,7 @@ def test_an_unwritable_run_folder_is_found_before_training(tmp_path, monkeypatch
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("train.tempfile.TemporaryFile", denied)
+    monkeypatch.setattr("diffusion.outputs.folders.tempfile.TemporaryFile", denied)
     with pytest.raises(RunError, match=r"cannot write to .*run \(Permission denied\).*hydra.run.dir"):
         run_train(tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()

@@ -52,7 +52,7 @@ ALLOWED = {
     "errors": set(),
     "checks": {"errors"},
     "outputs": {"core", "errors", "checks"},
-    "data": {"core", "outputs", "errors", "checks"},
+    "data": {"core", "outputs", "errors", "checks", "settings"},  # settings: prepare.py, an entry point
     "settings": {"core", "errors", "checks"},
     "models": {"core", "errors", "checks"},  # the model as a checkpoint holds it: no Lightning
     "training": {"core", "data", "models", "outputs", "errors", "checks"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from diffusion.core.posthoc_ema import (
 from diffusion.errors import SettingError
 from diffusion.models.posthoc_ema import reconstruct, snapshot_paths
 from diffusion.training.posthoc_ema import PostHocEMA
+from sample import sample
 from tests.helpers import compose_config, load_state, run_script
 from train import train
 
@@ -188,7 +190,7 @@ def run_train(run_dir: Path, *overrides: str):
 POSTHOC = ["callbacks.posthoc_ema.every_n_images=128", "dataset.batch_size=64", "~callbacks.previews"]
 
 
-def test_snapshots_resume_exactly_and_sample_py_reconstructs_any_length(tmp_path):
+def test_snapshots_resume_exactly_and_sample_py_reconstructs_any_length(tmp_path, capsys):
     """4 + 4 = 8 steps with snapshots every 2 steps: the same snapshot files and tracked averages as 8 straight;
     then sample.py ema_length= samples a reconstruction into its own folder, a sweep tabulates the lengths, and
     ema_save writes the weights, which for a tracked length are the tracked average."""
@@ -228,7 +230,19 @@ def test_snapshots_resume_exactly_and_sample_py_reconstructs_any_length(tmp_path
     summary = next((straight / "checkpoints").glob("sweep_*/summary.md")).read_text()
     assert "ema_length" in summary and "| 0.03 |" in summary and "| 0.2 |" in summary
     folders = sorted(p.name for p in next((straight / "checkpoints").glob("sweep_*")).iterdir() if p.is_dir())
-    assert folders == ["dpm_solver_2steps_ema_length=0.03,n=4", "dpm_solver_2steps_ema_length=0.2,n=4"]
+    assert folders == ["dpm_solver_2steps_ema_length-0.03_n-4", "dpm_solver_2steps_ema_length-0.2_n-4"]
+
+    # the folder named after the settings: its printed command, pasted back as it is (through Hydra's grammar, as
+    # the command line reads it), samples the saved weights
+    overrides = [f"ckpt={ckpt}", "n=2", "sampler.steps=2", "ema_length=0.05", "ema_save=true"]
+    named = ckpt.parent / "last_dpm_solver_2steps_ema_length-0.05_n-2"
+    capsys.readouterr()
+    sample(compose_config("sample", overrides, named))
+    printed = next(line for line in capsys.readouterr().out.splitlines() if "sample from them with: " in line)
+    command = shlex.split(printed.split("sample from them with: ")[1])
+    assert command == ["python", "sample.py", f"ckpt={named / 'posthoc_ema.ckpt'}"]
+    again = sample(compose_config("sample", [*command[2:], "n=2", "sampler.steps=2"], tmp_path / "again"))
+    assert "ema_length" not in again and again["n"] == 2  # the saved weights, as they are
 
     moved = tmp_path / "moved_snapshots"  # a run folder split up: the snapshots found with ema_snapshots=
     (straight / "ema_snapshots").rename(moved)

@@ -179,8 +179,8 @@ def test_a_sweep_writes_its_summary_table(trained):
     assert summary[0].startswith("| sampler | steps | nfe | seconds")
     assert [line.split("|")[1].strip() for line in summary[2:]] == ["ddim", "dpm_solver"]
     assert {p.name for p in sweeps[-1].iterdir() if p.is_dir()} == {
-        "ddim_3steps_n=4",
-        "dpm_solver_3steps_n=4",
+        "ddim_3steps_n-4",
+        "dpm_solver_3steps_n-4",
     }
 
 
@@ -189,7 +189,7 @@ def test_the_default_output_folder_is_beside_the_checkpoint(trained):
         "sample.py", f"ckpt={trained['ckpt']}", "sampler=dpm_solver", "sampler.steps=3", "n=2", "batch_size=2"
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    out = trained["ckpt"].parent / "last_dpm_solver_3steps_n=2"
+    out = trained["ckpt"].parent / "last_dpm_solver_3steps_n-2"
     assert (out / "samples.npz").is_file()
     assert "Wrote grid.png, process.gif, samples.npz" in result.stdout and "images/s" in result.stdout
     assert (out / "samples.npz").stat().st_mode & 0o044 == 0o044  # readable by group and others, as usual
@@ -211,7 +211,7 @@ def test_results_that_differ_get_their_own_folders_and_none_is_overwritten(train
     assert run_script("sample.py", *base, "labels=3", "guidance=3.0", "overwrite=true").returncode == 0
     failed = run_script("sample.py", *base, "labels=99")
     assert failed.returncode == 1 and "labels must be class indices" in failed.stderr
-    assert not (trained["ckpt"].parent / "last_ddim_2steps_labels=99,n=2").exists()
+    assert not (trained["ckpt"].parent / "last_ddim_2steps_labels-99_n-2").exists()
 
 
 def test_evaluation_finds_the_split_of_the_training_run(trained):

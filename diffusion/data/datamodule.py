@@ -25,6 +25,7 @@ from diffusion.data.datasets import (
     load_fashion,
     load_mnist,
     scan_image_folder,
+    split_indices,
 )
 from diffusion.data.loaders import (
     ResumableLoader,
@@ -33,7 +34,7 @@ from diffusion.data.loaders import (
     own_generator,
     worker_loader,
 )
-from diffusion.errors import RunError
+from diffusion.errors import RunError, UserError
 
 DatasetName = Literal["digits", "mnist", "fashion", "cifar", "folder", "streaming"]
 LOCAL = ("folder", "streaming")  # the datasets that are not named ones
@@ -103,15 +104,34 @@ class DiffusionDataModule(LightningDataModule):
         self.splits: dict[str, ImageTensors | ImageFolder | IndexedStream] = {}
         self.classes: list[str] = []
         self._on_device: dict[str, ImageTensors] = {}
+        self._prepare_failure: UserError | None = None
 
     def prepare_data(self) -> None:
-        """Downloads a missing named dataset (Lightning calls this on one process per node)."""
-        if self.name in NAMED and self.name != "digits" and self.download:
-            NAMED[self.name](self.root, True)
+        """Downloads a missing named dataset. Lightning calls this on one process per node while the others wait at
+        its barrier, which a process that left with an error would break (the others then fail with a connection
+        error of their own): so a failure here is kept, and :meth:`setup` raises it on every process together."""
+        try:
+            if self.name in NAMED and self.name != "digits" and self.download:
+                NAMED[self.name](self.root, True)
+        except UserError as error:
+            self._prepare_failure = error
 
     def setup(self, stage: str | None = None) -> None:
+        """Loads the data and splits it. A user's error here or in :meth:`prepare_data`, on any process, stops
+        every process with the same message (the first process prints it)."""
         if self.splits:
             return
+        failure = self._prepare_failure
+        if failure is None:
+            try:
+                self._load()
+            except UserError as error:
+                failure = error
+        failure = first_failure(self.trainer, failure)
+        if failure is not None:
+            raise failure
+
+    def _load(self) -> None:
         if self.name == "streaming":
             self._setup_streaming()
             return
@@ -149,16 +169,16 @@ class DiffusionDataModule(LightningDataModule):
                 f"set dataset.num_classes={len(self.classes)}"
             )
         self.num_classes = len(self.classes)
-        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
-        n_val = max(1, round(self.val_fraction * len(full)))
-        self.splits = {"train": _subset(full, order[n_val:]), "val": _subset(full, order[:n_val])}
+        source = str(self.root) if self.name == "folder" else self.name
+        split = split_indices(len(full), self.val_fraction, self.seed, source)
+        self.splits = {name: _subset(full, index) for name, index in split.items()}
         self.splits["test"] = test if test is not None else self.splits["val"]
         self.test_is_val = test is None
 
     def _setup_streaming(self) -> None:
         description = streaming.describe(self.url)
         streams = streaming.open_splits(self.url, self.seed)
-        self.splits = {name: IndexedStream(stream) for name, stream in streams.items()}
+        self.splits = {name: IndexedStream(stream, self.url) for name, stream in streams.items()}
         streaming.check_format(self.url, description, self.splits["train"][0][0], self.image_size, self.channels)
         if description is not None:
             self.classes = description["classes"]
@@ -175,7 +195,7 @@ class DiffusionDataModule(LightningDataModule):
     def _loader(self, split: str, *, shuffle: bool, full_batches: bool) -> ResumableLoader | streaming.StreamingLoader:
         data = self.splits[split]
         if isinstance(data, IndexedStream) and split == "train":
-            return streaming.loader(data.stream, self.batch_size, full_batches, **self.loader_options)
+            return streaming.loader(data.stream, data.root, self.batch_size, full_batches, **self.loader_options)
         # Validation and test images of a streaming dataset are read by index, sharded here like a folder's: LitData
         # shards by chunk, and a small validation split of one chunk would leave the other processes none.
         trainer = self.trainer
@@ -260,8 +280,8 @@ class IndexedStream(Dataset):
     (sharded by :class:`ShardedBatchSampler`, like a folder's), the evaluation batches and ``split_size``. ``stream``
     is the dataset itself, for the training loader, which LitData shards; its own ``len`` is one process's share."""
 
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
+    def __init__(self, stream: Any, root: str) -> None:
+        self.stream, self.root = stream, root
 
     def __len__(self) -> int:
         if self.stream.cache is None:
@@ -269,7 +289,8 @@ class IndexedStream(Dataset):
         return len(self.stream.cache)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image, label = self.stream[int(i)]
+        with streaming.unreadable_chunks_said(self.root):
+            image, label = self.stream[int(i)]
         return image, label
 
 
@@ -279,3 +300,16 @@ def _subset(data: ImageTensors | ImageFolder, index: Tensor) -> ImageTensors | I
     idx = index.tolist()
     files, labels = [data.files[i] for i in idx], [data.labels[i] for i in idx]
     return ImageFolder(files, labels, data.image_size, data.channels, data.background)
+
+
+def first_failure(trainer: Any, failure: UserError | None) -> UserError | None:
+    """The first process's failure of those of every process of ``trainer``'s run (a collective: every process
+    calls it), so that all of them stop with the same message; ``failure`` itself outside a multi-process run."""
+    if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return failure
+    failures: list[str | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(failures, None if failure is None else str(failure))
+    first = next((message for message in failures if message is not None), None)
+    if first is None or (failure is not None and str(failure) == first):
+        return failure
+    return RunError(first)

@@ -369,3 +369,17 @@ class ImageFolder(Dataset):
                 images.append(batch)
                 bar.update(len(batch))
         return ImageTensors(torch.cat(images), torch.tensor(self.labels, dtype=torch.long), classes)
+
+
+def split_indices(n: int, val_fraction: float, seed: int, source: str) -> dict[str, Tensor]:
+    """The training and validation images of ``n``: a permutation seeded by ``seed``, the first ``round(val_fraction
+    n)`` (at least one) for validation. Every dataset is split so, a prepared streaming folder included. ``source``
+    names the data in the message when too few images are left to train on."""
+    n_val = max(1, round(val_fraction * n))
+    if n - n_val < 1:
+        raise RunError(
+            f"{source} holds {n} usable image(s): too few to hold {n_val} out for validation "
+            f"(dataset.val_fraction={val_fraction}) and train on the rest. Add images, or lower dataset.val_fraction."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return {"train": order[n_val:], "val": order[:n_val]}

@@ -3,8 +3,9 @@
     python -m diffusion.data.prepare SRC OUT dataset.image_size=256 [dataset.channels=1]
         [dataset.labels_from_subfolders=true] [dataset.val_fraction=0.05] [seed=0] [--workers N]
 
-The ``dataset.*`` keys and ``seed`` are train.py's, with ``dataset=folder``'s defaults, and mean what they mean
-there: the images are checked, split and resized exactly as ``dataset=folder dataset.root=SRC`` would. Then
+The ``dataset.*`` keys and ``seed`` are train.py's, with ``dataset=folder``'s defaults, composed by Hydra onto the same
+typed schema and checked by the same ranges (diffusion/settings.py), and mean what they mean there: the images are
+checked, split and resized exactly as ``dataset=folder dataset.root=SRC`` would. Then
 
     python train.py experiment=folder dataset=streaming dataset.root=OUT dataset.image_size=256
 
@@ -15,45 +16,64 @@ trains from OUT, or from a copy of it at any URL LitData reads (``s3://bucket/OU
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion.data.streaming import prepare
-from diffusion.errors import UserError
+from diffusion.errors import RunError, SettingError, report_errors
+from diffusion.outputs.folders import check_writable
+from diffusion.settings import CONFIGS, TRAIN_RANGES, TrainSettings, check_background, check_ranges
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 KEYS = ("image_size", "channels", "labels_from_subfolders", "strict", "background", "val_fraction")
 
 
-def settings(overrides: list[str]) -> dict:
-    """train.py's dataset settings for ``dataset=folder`` with ``overrides``, and its ``seed``."""
-    train = OmegaConf.load(CONFIGS / "train.yaml")
-    merged = OmegaConf.merge(
-        {"seed": train.seed},
-        {"dataset": train.dataset},
-        {"dataset": OmegaConf.load(CONFIGS / "dataset" / "folder.yaml")},
-    )
-    OmegaConf.set_struct(merged, True)
-    wrong = [
-        o for o in overrides if "=" not in o or o.split("=", 1)[0] not in ("seed", *(f"dataset.{k}" for k in KEYS))
-    ]
-    if wrong:
-        raise UserError(
-            f"prepare takes the settings seed and dataset.{{{', '.join(KEYS)}}} as KEY=VALUE, not {', '.join(wrong)}"
-        )
+def settings(source: Path, overrides: list[str]) -> dict[str, Any]:
+    """train.py's ``seed`` and ``dataset`` settings for ``dataset=folder dataset.root=SOURCE`` with ``overrides``,
+    composed onto train.py's typed schema and checked by its ranges."""
+    keys = ["seed", *(f"dataset.{k}" for k in KEYS)]
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            takes = f"it takes {', '.join(keys)} as KEY=VALUE"
+            raise SettingError(f"{override!r} is not a setting of prepare; {hint}{takes}")
+    ConfigStore.instance().store(name="train_schema", node=TrainSettings)
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
-        return OmegaConf.to_container(merged)
-    except OmegaConfBaseException as error:
-        raise UserError(f"a setting could not be read: {error}") from None
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+            cfg = compose(config_name="train", overrides=["dataset=folder", f"dataset.root={source}", *overrides])
+        chosen = {"seed": cfg.seed, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}
+    except (HydraException, OmegaConfBaseException) as error:  # a value of the wrong type, said as train.py says it
+        cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ else ""
+        raise SettingError(f"{str(error).splitlines()[0]}{cause}") from None
+    check_ranges(chosen, {k: v for k, v in TRAIN_RANGES.items() if k in keys})
+    check_background(chosen)
+    return chosen
 
 
+def check_paths(source: Path, out: Path) -> None:
+    """The source a folder, the output a folder that can be written (made here when new; :func:`prepare` wants it
+    empty)."""
+    if not source.is_dir():
+        what = "does not exist" if not source.exists() else "is not a folder"
+        raise RunError(f"the source {source} {what}: give the folder that holds the images (in any sub-folders)")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"the output {out} is a file: give a new or empty folder to write the streaming dataset into")
+    check_writable(out, "OUT (the second argument)")
+
+
+@report_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m diffusion.data.prepare", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -63,26 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dataset.KEY=VALUE and seed=N, as for train.py")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     args = parser.parse_args(argv)
+    chosen = settings(args.source, args.overrides)
     created = not args.out.exists()
     start = time.perf_counter()
     try:
-        chosen = settings(args.overrides)
+        check_paths(args.source, args.out)
         data = chosen["dataset"]
         description = prepare(
             args.source,
             args.out,
-            image_size=int(data["image_size"]),
-            channels=int(data["channels"]),
-            labels_from_subfolders=bool(data["labels_from_subfolders"]),
-            strict=bool(data["strict"]),
+            image_size=data["image_size"],
+            channels=data["channels"],
+            labels_from_subfolders=data["labels_from_subfolders"],
+            strict=data["strict"],
             background=tuple(data["background"]),
-            val_fraction=float(data["val_fraction"]),
-            seed=int(chosen["seed"]),
+            val_fraction=data["val_fraction"],
+            seed=chosen["seed"],
             num_workers=args.workers,
         )
-    except UserError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 2
     except BaseException:
         if created:  # nothing half-written stays behind (the source is never touched)
             shutil.rmtree(args.out, ignore_errors=True)

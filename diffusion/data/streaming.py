@@ -15,15 +15,17 @@ on the same or another number of processes (LitData's elastic resume).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
+from litdata.exceptions import ChunkWaitTimeoutError
 from torch import Tensor
 
-from diffusion.data.datasets import ImageFolder, check_readable, scan_image_folder
+from diffusion.data.datasets import ImageFolder, check_readable, scan_image_folder, split_indices
 from diffusion.data.loaders import own_generator
 from diffusion.errors import RunError
 
@@ -35,14 +37,6 @@ CHUNK_BYTES = "64MB"  # LitData's recommended range; a chunk is what a worker do
 
 def is_remote(root: str) -> bool:
     return "://" in root
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, Tensor]:
-    """The training and validation images of ``n``, as ``dataset=folder`` splits them (a seeded permutation, the
-    first ``round(val_fraction n)`` for validation)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(val_fraction * n))
-    return {"train": order[n_val:], "val": order[:n_val]}
 
 
 class _Item:
@@ -79,7 +73,7 @@ def prepare(
     keep = set(check_readable(files, strict, root=source, image_size=image_size, num_workers=num_workers))
     labels = [label for path, label in zip(files, labels, strict=True) if path in keep]
     folder = ImageFolder(sorted(keep), labels, image_size, channels, background)
-    splits = split_indices(len(folder), val_fraction, seed)
+    splits = split_indices(len(folder), val_fraction, seed, str(source))
     out.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         optimize(
@@ -120,10 +114,46 @@ def describe(root: str) -> dict[str, Any] | None:
             f"once from a folder of images: python -m diffusion.data.prepare /path/to/images {root} "
             f"dataset.image_size=SIZE (or use dataset=folder dataset.root=/path/to/images)."
         )
-    description = json.loads((path / DESCRIPTION).read_text())
-    if description.get("format") != FORMAT:
-        raise RunError(f"{root} was prepared by another version (format {description.get('format')}); prepare again")
+    description = read_json(path / DESCRIPTION)
+    kinds = {"format": int, "image_size": int, "channels": int, "classes": list, "images": dict}
+    if not isinstance(description, dict) or not all(isinstance(description.get(k), t) for k, t in kinds.items()):
+        raise damaged(path / DESCRIPTION, "it lacks the format, size, channels, classes or counts of the images")
+    if description["format"] != FORMAT:
+        raise RunError(f"{root} was prepared by another version (format {description['format']}); prepare again")
+    for split in SPLITS:
+        check_chunks(path / split)
     return description
+
+
+def damaged(file: Path, why: str) -> RunError:
+    return RunError(
+        f"{file} is damaged ({why}): the streaming folder cannot be read. Prepare it again from the images, into a "
+        f"new folder: python -m diffusion.data.prepare /path/to/images NEW_FOLDER dataset.image_size=SIZE"
+    )
+
+
+def read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged(file, f"not readable JSON: {error}") from None
+
+
+def check_chunks(split: Path) -> None:
+    """LitData's index of one split, and every chunk file it names whole (the size the index gives): LitData itself
+    would wait for a shorter file to grow, and time out mid-run."""
+    index = read_json(split / "index.json")
+    chunks = index.get("chunks") if isinstance(index, dict) else None
+    if not isinstance(chunks, list) or not all(
+        isinstance(c, dict) and {"filename", "chunk_bytes"} <= set(c) for c in chunks
+    ):
+        raise damaged(split / "index.json", "it lists no chunks")
+    for chunk in chunks:
+        file = split / chunk["filename"]
+        size = file.stat().st_size if file.is_file() else None
+        if size != chunk["chunk_bytes"]:
+            found = "missing" if size is None else f"{size:,} bytes of {chunk['chunk_bytes']:,}"
+            raise damaged(file, f"{found}: a copy or a preparation that did not finish")
 
 
 def check_format(root: str, description: dict[str, Any] | None, first: Tensor, image_size: int, channels: int) -> None:
@@ -159,8 +189,9 @@ class StreamingLoader(StreamingDataLoader):
     (a resumed run then trained on other images than the uninterrupted one from its second epoch on). Here the
     first pass after ``load_state_dict`` continues the saved epoch and every later pass is a new one."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, root: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.root = root
         self._continuing = False
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
@@ -172,11 +203,29 @@ class StreamingLoader(StreamingDataLoader):
             self._continuing = False
         else:
             self.restore = False
-        yield from super().__iter__()
+        with unreadable_chunks_said(self.root):
+            yield from super().__iter__()
+
+
+@contextlib.contextmanager
+def unreadable_chunks_said(root: str) -> Iterator[None]:
+    """Reads of the streaming folder ``root``: one that fails mid-run because a chunk was damaged after the start's
+    check (LitData raises a timeout, or NumPy a short buffer) stops with one paragraph naming the file. The files
+    are looked at again to tell: any other failure keeps its traceback."""
+    try:
+        yield
+    except Exception as error:
+        if not is_remote(root):
+            for split in SPLITS:
+                check_chunks(Path(root) / split)
+        if isinstance(error, ChunkWaitTimeoutError):
+            raise damaged(Path(error.path), "it could not be read to its end") from None
+        raise
 
 
 def loader(
     stream: StreamingDataset,
+    root: str,
     batch_size: int,
     full_batches: bool,
     *,
@@ -184,10 +233,11 @@ def loader(
     pin_memory: bool,
     persistent_workers: bool,
 ) -> StreamingLoader:
-    """The training loader: Lightning checkpoints its ``state_dict`` and restores it on resume. Its generator is
-    not the global one (see :func:`diffusion.data.loaders.own_generator`)."""
+    """The training loader of the folder ``root``: Lightning checkpoints its ``state_dict`` and restores it on
+    resume. Its generator is not the global one (see :func:`diffusion.data.loaders.own_generator`)."""
     return StreamingLoader(
         stream,
+        root=root,
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,

@@ -32,6 +32,34 @@ def tracked_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def read_snapshot(file: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot ``file`` (its tensors memory-mapped, not read), checked to be one of the run whose tracking
+    ``state`` a checkpoint holds: readable, of this project's layout, of the same tracked lengths, and with the same
+    parameters and shapes. A :class:`RunError` naming the file, and whether to remove it, otherwise."""
+    try:
+        snapshot = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # garbage makes torch.load raise many kinds
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+        raise RunError(
+            f"the post-hoc EMA snapshot {file} is not readable ({reason}): it is truncated or corrupt. Remove it; "
+            f"the reconstruction then uses the other snapshots (sample.py reports how well they fit)."
+        ) from None
+    kinds = {"step": int, "images": int, "sigma_rels": list, "averages": list}
+    if not isinstance(snapshot, dict) or not all(isinstance(snapshot.get(k), t) for k, t in kinds.items()):
+        raise RunError(f"{file} is not a post-hoc EMA snapshot of this project (a {SNAPSHOT_GLOB} file of "
+                       f"ema_snapshots/): move it out of the folder")  # fmt: skip
+    another = "it is another run's: move it out of the folder, or give this run's snapshots with ema_snapshots=PATH"
+    tracked = [float(s) for s in state["sigma_rels"]]
+    if [float(s) for s in snapshot["sigma_rels"]] != tracked or len(snapshot["averages"]) != len(tracked):
+        raise RunError(f"{file} tracks the EMA lengths {snapshot['sigma_rels']}, this checkpoint {tracked}: {another}")
+    expected = {name: tuple(value.shape) for name, value in upgrade_weights(state["averages"][0]).items()}
+    for average in snapshot["averages"]:
+        shapes = {name: tuple(value.shape) for name, value in upgrade_weights(average).items()}
+        if shapes != expected:
+            raise RunError(f"{file} holds the weights of another network (other parameters or shapes): {another}")
+    return snapshot
+
+
 def reconstruct(
     checkpoint: dict[str, Any], path: Path, sigma_rel: float, folder: Path
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -48,10 +76,10 @@ def reconstruct(
             f"callbacks.posthoc_ema.every_n_images=N (e.g. 131072) to keep snapshots."
         )
     tracked, now = [float(s) for s in state["sigma_rels"]], state["images"]
-    used = []  # the snapshot files taken before the checkpoint, of the same tracked lengths
+    used = []  # the snapshot files taken before the checkpoint
     for file in snapshot_paths(folder):
-        snapshot = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # reads no tensor data yet
-        if snapshot["images"] < now and [float(s) for s in snapshot["sigma_rels"]] == tracked:
+        snapshot = read_snapshot(file, state)
+        if snapshot["images"] < now:
             used.append((file, snapshot["images"]))
     times = [t for _, t in used for _ in tracked] + [now] * len(tracked)
     lengths = tracked * (len(used) + 1)

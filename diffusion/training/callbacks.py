@@ -60,9 +60,7 @@ class EMA(WeightAveraging):
     """
 
     def __init__(self, *, half_life_images: float, rampup_ratio: float | None) -> None:
-        if rampup_ratio is not None and rampup_ratio <= 0:
-            raise RunError(f"callbacks.ema.rampup_ratio must be positive (or null for no warm-up), got {rampup_ratio}")
-        ema_decay(0, 1, half_life_images, rampup_ratio)  # validates
+        # both in diffusion/settings.py's ranges, checked before any work
         super().__init__(use_buffers=False)
         self.half_life_images, self.rampup_ratio = half_life_images, rampup_ratio
         self.beta = 0.0

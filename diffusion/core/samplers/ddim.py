@@ -13,7 +13,7 @@ from diffusion.errors import SettingError
 
 
 def check_eta(eta: float) -> None:
-    """DDIM's eta: 0 is deterministic, 1 ancestral (the one check of this setting, which settings.py runs too)."""
+    """DDIM's eta: 0 is deterministic, 1 ancestral (for a call that did not come through settings.py's ranges)."""
     if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta <= 1.0:
         raise SettingError(f"DDIM's eta must lie in [0, 1] (0 is deterministic DDIM, 1 ancestral), got {eta!r}")
 
