@@ -9,11 +9,12 @@ sample.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion.core.levels import Level, NoiseLevels
 from diffusion.errors import SettingError
@@ -108,7 +109,7 @@ class NetworkDenoiser:
 
     def __init__(
         self,
-        network: nn.Module | object,
+        network: Callable[[Tensor, Tensor, Tensor | None], Tensor],
         objective: Objective,
         *,
         labels: Tensor | None,
