@@ -110,6 +110,12 @@ CATALOGUE = [
         ["diffusion=edm", "diffusion.sigma_max=0.001"],
         ["error: diffusion.sigma_max=0.001", "above sigma_min"],
     ),
+    ("train.py", ["diffusion=flow", "diffusion.t_sampling=beta"], ["error: diffusion.t_sampling='beta'", "uniform"]),
+    ("train.py", ["diffusion=flow", "diffusion.shift=0"], ["error: diffusion.shift=0", "1 for none"]),
+    ("train.py", ["diffusion=flow", "diffusion.logit_std=-1"], ["error: diffusion.logit_std=-1", "SD3's is 1"]),
+    ("train.py", ["diffusion=flow", "diffusion.t_min=0"], ["error: diffusion.t_min=0", "0.001"]),
+    ("train.py", ["diffusion=flow", "diffusion.t_max=1.5"], ["error: diffusion.t_max=1.5", "at most 1"]),
+    ("sample.py", ["ckpt=FLOW1", "sampler=ode"], ["error: sampler=ode cannot start from pure noise", "t_max"]),
     ("train.py", ["optimizer.lr_schedule=linear"], ["error: optimizer.lr_schedule='linear'", "constant, cosine"]),
     ("train.py", ["optimizer.betas=[0.9]"], ["error: optimizer.betas=[0.9]", "two numbers"]),
     ("train.py", ["model.channel_mult=[]"], ["error: model.channel_mult=[]", "at least 1 whole numbers"]),
@@ -203,6 +209,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     train(compose_config("train", ["debug=smoke", "~callbacks.previews", "trainer.max_steps=1"], run))
     edm = root / "edm"
     train(compose_config("train", ["debug=smoke", "~callbacks.previews", "trainer.max_steps=1", "diffusion=edm"], edm))
+    flow = root / "flow"  # a flow whose noisiest level is pure noise
+    overrides = ["debug=smoke", "~callbacks.previews", "trainer.max_steps=1", "diffusion=flow", "diffusion.t_max=1"]
+    train(compose_config("train", overrides, flow))
     (root / "empty.ckpt").write_bytes(b"")
     broken = root / "broken"
     broken.mkdir()
@@ -243,6 +252,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "FILE": root / "a_file",
         "CKPT": run / "checkpoints" / "last.ckpt",
         "EDM": edm / "checkpoints" / "last.ckpt",
+        "FLOW1": flow / "checkpoints" / "last.ckpt",
         "EMPTY": root / "empty.ckpt",
         "RUN": root,
     }

@@ -149,7 +149,9 @@ def test_schedules_are_built_and_respaced_on_the_device_of_their_betas():
     assert {t.device.type for t in walked(grid, "meta").buffers()} == {"meta"}
 
 
-@pytest.mark.parametrize(("diffusion", "conditional"), [("ddpm", False), ("improved", True), ("edm", True)])
+@pytest.mark.parametrize(
+    ("diffusion", "conditional"), [("ddpm", False), ("improved", True), ("edm", True), ("flow", True)]
+)
 def test_training_and_every_sampler_run_on_the_meta_device(tmp_path, diffusion, conditional):
     """Every tensor of the training loss and of each sampler's steps is made on the model's device, whatever the
     objective (a tensor made on the CPU and mixed in would raise here, as it would on CUDA)."""
@@ -164,7 +166,7 @@ def test_training_and_every_sampler_run_on_the_meta_device(tmp_path, diffusion, 
     denoise = module.model.denoiser(
         SamplingOptions(guidance=2.0 if conditional else 1.0), labels if conditional else None
     )
-    for name in ("ddpm", "ddim", "dpm_solver", "sde", "ode", "heun"):
+    for name in ("ddpm", "ddim", "dpm_solver", "sde", "ode", "heun", "euler"):
         sampler = instantiate(OmegaConf.load(f"configs/sampler/{name}.yaml"), steps=3)
         assert final(sampler(denoise, torch.empty(3, 1, 16, 16, device="meta"))).device.type == "meta"
 

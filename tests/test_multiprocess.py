@@ -85,11 +85,12 @@ def test_two_cpu_processes_with_ddp_share_one_run_directory_and_the_fid(tmp_path
 def four_steps_on_two(tmp_path_factory) -> Path:
     """The last.ckpt of 4 steps on two processes."""
     run = tmp_path_factory.mktemp("four_steps_on_two") / "run"
-    train_on(2, run, "trainer.max_steps=4", POSTHOC)
+    train_on(2, run, "trainer.max_steps=4", POSTHOC, FLOW)
     return run / "checkpoints" / "last.ckpt"
 
 
 POSTHOC = "callbacks.posthoc_ema.every_n_images=192"  # a snapshot every 2 steps of 2 x 48 images
+FLOW = "diffusion=flow"  # the resumes across processes train the newest objective (EDM: tests/test_edm.py)
 
 
 def test_a_two_process_resume_continues_exactly(tmp_path, four_steps_on_two):
@@ -99,8 +100,8 @@ def test_a_two_process_resume_continues_exactly(tmp_path, four_steps_on_two):
     assert all(s.storage_offset() == 0 for s in first["rng_states"]["cpu"])
     assert not torch.equal(*first["rng_states"]["cpu"])  # each process draws its own timesteps and noise
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_on(2, straight, "trainer.max_steps=8", POSTHOC)
-    train_on(2, resumed, "trainer.max_steps=8", POSTHOC, f"ckpt_path={four_steps_on_two}")
+    train_on(2, straight, "trainer.max_steps=8", POSTHOC, FLOW)
+    train_on(2, resumed, "trainer.max_steps=8", POSTHOC, FLOW, f"ckpt_path={four_steps_on_two}")
     a, b = load_state(straight / "checkpoints" / "last.ckpt"), load_state(resumed / "checkpoints" / "last.ckpt")
     assert_same_training_state(a, b)
     # post-hoc EMA: the images of both processes count, and rank zero alone wrote the same snapshots
@@ -183,7 +184,7 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path, four_step
     last = run / "checkpoints" / "last.ckpt"
     for before, after, ckpt, steps, served in [(2, 1, four_steps_on_two, 6, 8 + 2), (1, 2, last, 8, 5 + 2)]:
         # `served` batches of 48 per process: 4 on each of two are 8 on one; 10 on one are 5 on each of two
-        result = train_on(after, run, f"trainer.max_steps={steps}", f"ckpt_path={ckpt}")
+        result = train_on(after, run, f"trainer.max_steps={steps}", FLOW, f"ckpt_path={ckpt}")
         output = result.stdout + result.stderr
         assert f"holds random-number states of {before} processes, this run has {after}" in output, output[-3000:]
         state = load_state(last)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion.core.levels import ContinuousLevels, DiscreteLevels, Level, karras_sigmas
+from diffusion.core.levels import ContinuousLevels, DiscreteLevels, karras_sigmas
 from diffusion.core.objectives import DDPM, EDM, Objective
 from diffusion.core.schedules import spaced_timesteps
 from diffusion.errors import SettingError
@@ -28,11 +28,6 @@ def objective(name: str) -> Objective:
     """The objective of ``diffusion=NAME``, as train.py builds it."""
     settings = OmegaConf.to_container(compose_config("train", [f"diffusion={name}"], Path("unused")).diffusion)
     return build("diffusion", {k: v for k, v in settings.items() if k not in TRAINING_KEYS})
-
-
-def level_of(obj: Objective, level: torch.Tensor) -> Level:
-    """The sampling level of one training level: a timestep's row, or a sigma."""
-    return obj.levels.level(int(level)) if isinstance(obj, DDPM) else Level.of_sigma(float(level))
 
 
 @pytest.mark.parametrize("name", OPTIONS)
@@ -54,7 +49,7 @@ def test_training_and_sampling_give_the_network_the_same_input(name):
     obj.losses(network, x0, levels, noise)
     ((x_in, conditioning),) = seen
     for i in range(6):
-        level = level_of(obj, levels[i])
+        level = obj.sampling_level(float(levels[i]))
         x_t = level.a * x0[i : i + 1] + level.s * noise[i : i + 1]
         sampled_in, sampled_conditioning = obj.network_input(x_t, level)
         torch.testing.assert_close(sampled_in, x_in[i : i + 1], rtol=1e-6, atol=1e-9)
@@ -75,8 +70,8 @@ def test_the_prediction_is_a_consistent_pair_for_any_output(name):
 
 def test_what_each_objective_supports_is_declared():
     supports = {name: (objective(name).has_variational_bound, objective(name).learned_variance) for name in OPTIONS}
-    assert supports == {"ddpm": (True, False), "edm": (False, False), "improved": (True, True),
-                        "v_prediction": (True, False)}  # fmt: skip
+    assert supports == {"ddpm": (True, False), "edm": (False, False), "flow": (False, False),
+                        "improved": (True, True), "v_prediction": (True, False)}  # fmt: skip
     assert objective("improved").output_channels(3) == 6 and objective("edm").output_channels(3) == 3
     with pytest.raises(NotImplementedError, match="no variational bound"):
         objective("edm").prior_bpd(torch.zeros(1, 1, 2, 2))

@@ -127,6 +127,12 @@ class ContinuousLevels(NoiseLevels):
         if steps == 1:
             return [Level.of_sigma(self.sigma_max)]
         if spacing == "logsnr":
+            if math.isinf(self.sigma_max):
+                raise SettingError(
+                    "spacing=logsnr spaces the levels evenly in log sigma, and this model's reach pure noise (sigma = "
+                    "inf; a flow with diffusion.t_max=1): use sampler.spacing=uniform (the model's own time), or "
+                    "train it with its largest time below 1 (e.g. diffusion.t_max=0.999)"
+                )
             log_sigma = torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), steps, dtype=torch.float64)
             sigmas = log_sigma.exp()
         else:

@@ -56,6 +56,11 @@ class Objective(nn.Module, ABC):
         ``(B, C, H, W)``): ``loss``, the one trained on, ``(B,)``, and any parts worth logging (``vb``)."""
 
     @abstractmethod
+    def sampling_level(self, level: float) -> Level:
+        """The :class:`~diffusion.core.levels.Level` of one training level: where the samplers evaluate the model at
+        the noise it was trained at."""
+
+    @abstractmethod
     def quartile(self, level: Tensor) -> Tensor:
         """Which quarter of the training distribution of levels each of ``level`` lies in, 0 nearest the data,
         ``(B,)`` int64: ``train/loss_q0`` .. ``q3`` in TensorBoard."""

@@ -99,6 +99,9 @@ class DDPM(Objective):
             min_snr_gamma=self.min_snr_gamma,
         )
 
+    def sampling_level(self, level: float) -> Level:
+        return self.levels.level(int(level))
+
     def quartile(self, level: Tensor) -> Tensor:
         return level * 4 // len(self.schedule)
 

@@ -101,6 +101,9 @@ class EDM(Objective):
         output = network(c_in.to(x0.dtype) * x, c_noise.flatten().float())
         return {"loss": edm_loss(output, x0, x, level.to(torch.float64), self.sigma_data)}
 
+    def sampling_level(self, level: float) -> Level:
+        return Level.of_sigma(float(level))
+
     def quartile(self, level: Tensor) -> Tensor:
         """By the normal CDF of ln sigma: the quarters of the training distribution."""
         z = (level.log() - self.p_mean) / self.p_std

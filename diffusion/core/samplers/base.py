@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -10,8 +11,9 @@ import torch
 from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser
-from diffusion.core.levels import Level
+from diffusion.core.levels import Level, NoiseLevels
 from diffusion.core.schedules import NoiseSchedule
+from diffusion.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,17 @@ class StepTable:
     def s(self, i: int) -> float:
         """sqrt(1 - alpha_bar) at row i; 0 at row -1."""
         return 0.0 if i < 0 else (1.0 - self.alpha_bar[i]) ** 0.5
+
+
+def below_pure_noise(levels: NoiseLevels, sampler: str) -> None:
+    """For a sampler whose steps divide by a (the ODE's sigma = s / a, the SDE's log-ratio of alpha_bar): the
+    model's largest level must lie below pure noise."""
+    if math.isinf(levels.sigma_max):
+        raise SettingError(
+            f"sampler={sampler} cannot start from pure noise (sigma = inf), where this model's noise levels reach "
+            f"(a flow with diffusion.t_max=1): sample it with sampler=euler, ddim, dpm_solver, ddpm or heun, or "
+            f"train it with its largest time below 1 (e.g. diffusion.t_max=0.999)"
+        )
 
 
 def walked(grid: Sequence[Level], device: torch.device | str) -> NoiseSchedule:

@@ -31,7 +31,8 @@ def dpm_solver_sample(
     and accepted only so that every sampler takes the same arguments.
     """
     table = StepTable.of(denoise.levels.grid(steps, spacing))
-    lam = [math.log(table.a(i) / table.s(i)) for i in range(len(table))]
+    # lambda = -inf at pure noise (a = 0): the first step's h is infinite, e^-h = 0, and it is first order
+    lam = [math.log(table.a(i) / table.s(i)) if table.a(i) > 0 else -math.inf for i in range(len(table))]
     x = x_T
     x0_prev, h_prev = None, None
     for i in reversed(range(len(table))):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser
 from diffusion.core.levels import Level
-from diffusion.core.samplers.base import Randomness, SamplerStep, StepTable, noise_like, walked
+from diffusion.core.samplers.base import Randomness, SamplerStep, StepTable, below_pure_noise, noise_like, walked
 from diffusion.core.schedules import Spacing
 
 
@@ -64,6 +64,7 @@ def sde_sample(
     (the paper's "denoising" step).
     Network evaluations: steps x (1 + corrector_steps).
     """
+    below_pure_noise(denoise.levels, "sde")
     grid = denoise.levels.grid(steps, spacing)
     table, alphas = StepTable.of(grid), walked(grid, "cpu").alphas.tolist()
     x = x_T
@@ -96,6 +97,7 @@ def ode_sample(
     (Karras et al. 2022, eq. 4 and Algorithm 1), which is where the steps are taken; the final step returns the x_0
     prediction at the smallest timestep. Network evaluations: 2 x steps - 1. Deterministic: ``generator`` is unused.
     """
+    below_pure_noise(denoise.levels, "ode")
     table = StepTable.of(denoise.levels.grid(steps, spacing))
     sigma = [table.s(i) / table.a(i) for i in range(len(table))]
     x = x_T
