@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from diffusion.core.denoiser import SamplingOptions
 from diffusion.core.drawing import Samples, draw
+from diffusion.core.likelihood import check_likelihood
 from diffusion.core.model import DiffusionModel
 from diffusion.errors import RunError, report_errors
 from diffusion.models.checkpoints import MODEL_PREFIX, load_checkpoint, load_model
 from diffusion.models.posthoc_ema import load_posthoc
-from diffusion.outputs.evaluation import fid_against, nll_bits_per_dim
+from diffusion.outputs.evaluation import fid_against, nll_bits_per_dim, ode_nll_bits_per_dim
 from diffusion.outputs.reports import results_table
 from diffusion.outputs.writers import atomic_path, write_gif, write_grid, write_images, write_json, write_npz
 from diffusion.settings import SampleSettings, check_sample, config_options
@@ -123,20 +124,30 @@ def evaluate(
         real = datamodule.batches("train", cfg.batch_size, count)
         return fid_against(images, real, count, feature, cfg.eval.kid_subset_size, device)
     limit = None if cfg.eval.batches is None else cfg.eval.batches * cfg.batch_size
-    variance = cfg.eval.variance or ("learned" if model.objective.learned_variance else "beta")
-    batches = (
-        (x0.to(device), labels.to(device)) for x0, labels in datamodule.batches(cfg.eval.split, cfg.batch_size, limit)
-    )
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    options = SamplingOptions(clip_x0=cfg.clip_x0, dynamic_threshold=cfg.dynamic_threshold)  # no guidance
+    def batches():
+        return ((x0.to(device), y.to(device)) for x0, y in datamodule.batches(cfg.eval.split, cfg.batch_size, limit))
 
-    def denoiser_for(labels: torch.Tensor):
-        return model.denoiser(options, labels if model.conditional else None)
+    def denoiser_for(options: SamplingOptions):  # no guidance: the model's own likelihood
+        return lambda labels: model.denoiser(options, labels if model.conditional else None)
 
-    with model.sampling():
-        result = nll_bits_per_dim(denoiser_for, model.objective, batches, variance, g)
-    return {**result, "split": datamodule.split_name(cfg.eval.split), "variance": variance}
+    results: dict[str, Any] = {"split": datamodule.split_name(cfg.eval.split)}
+    if model.objective.has_variational_bound:
+        variance = cfg.eval.variance or ("learned" if model.objective.learned_variance else "beta")
+        bound = SamplingOptions(clip_x0=cfg.clip_x0, dynamic_threshold=cfg.dynamic_threshold)
+        with model.sampling():
+            g = torch.Generator(device=device).manual_seed(cfg.seed)
+            results |= nll_bits_per_dim(denoiser_for(bound), model.objective, batches(), variance, g) | {
+                "variance": variance
+            }
+    # The ODE integrates the model's own field: x_0 unclipped, and autograd on for the divergence.
+    with model.sampling(inference=False):
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        field = denoiser_for(SamplingOptions(clip_x0=False))
+        e = cfg.eval
+        results |= ode_nll_bits_per_dim(field, batches(), probes=e.probes, rtol=e.rtol, atol=e.atol, generator=g)
+        results |= {"ode_probes": e.probes, "ode_rtol": e.rtol, "ode_atol": e.atol}
+    return results
 
 
 def use_posthoc_ema(model: DiffusionModel, checkpoint: dict[str, Any], cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -175,12 +186,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     checkpoint = load_checkpoint(cfg.ckpt)
     model = load_model(cfg.ckpt, cfg.ema, compile=cfg.compile, channels_last=cfg.channels_last, checkpoint=checkpoint)
-    if cfg.eval is not None and cfg.eval.name == "nll" and not model.objective.has_variational_bound:
-        raise RunError(
-            "eval=nll is the discrete variational bound of a model trained at integer timesteps (Ho et al. 2020, "
-            f"eq. 5); this checkpoint's objective ({checkpoint['hyper_parameters']['diffusion']['_target_']}) has "
-            "none. Use eval=fid, or a discrete objective (e.g. diffusion=v_prediction) to report a likelihood."
-        )
+    if cfg.eval is not None and cfg.eval.name == "nll":
+        check_likelihood(model.objective.levels)  # before the images are drawn
     posthoc = {} if cfg.ema_length is None else use_posthoc_ema(model, checkpoint, cfg, out)
     model = model.to(device)
     labels = class_labels(cfg, model)
@@ -238,7 +245,7 @@ def main(cfg: DictConfig) -> float | None:
     except BaseException:
         remove_if_empty(out)
         raise
-    return results.get("fid", results.get("nll_bpd"))
+    return results.get("fid", results.get("nll_bpd", results.get("ode_nll_bpd")))
 
 
 def remove_if_empty(folder: Path) -> None:

@@ -7,20 +7,24 @@
 
 Each arm is ``train.py experiment=fashion`` at ``--batch`` and quality.py's learning rate, for ``--steps`` steps,
 with the shared overrides (after ``--``) and then the arm's own (a space-separated string), followed by
-``sample.py`` drawing ``--samples`` DDIM-50 images (``--spacing``) from seed 0; the images are scored on
-quality.py's cached classifier against the Fashion-MNIST test set. ``--jobs`` arms run at once as separate
+``sample.py`` drawing ``--samples`` DDIM-50 images (``--spacing``) from seed 0, and as many with each of
+``--samplers`` (arms of benchmarks/sampler_quality.py, e.g. ``heun18 dpm20_logsnr``); the images are scored on
+quality.py's cached classifier against the Fashion-MNIST test set (a flow model's DDIM-50 is Euler-50, the same step
+in exact arithmetic: configs/sampler/euler.yaml). ``--jobs`` arms run at once as separate
 processes (on a CPU, each on its own core with one thread; on a GPU, sharing it). Writes one JSON of every arm's scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 from common import ROOT, run_jobs, sample_command, train_hparams, write_json
+from sampler_quality import ARMS as SAMPLERS
 from scoring import at_28, classifier, fashion, npz_images, scores
 
 LR = train_hparams("experiment=fashion")["optimizer"]["lr"]  # quality.py's, for both systems
@@ -35,9 +39,11 @@ def job(args: argparse.Namespace, name: str, arm: list[str], shared: list[str]) 
         *shared, *arm, f"hydra.run.dir={run}",
     ]  # fmt: skip
     ddim = ["sampler=ddim", "sampler.steps=50", f"sampler.spacing={args.spacing}"]
+    ckpt = run / "checkpoints" / "last.ckpt"
     return [
         train,
-        sample_command(run / "checkpoints" / "last.ckpt", run / "samples_ddim50", args.device, args.samples, ddim),
+        sample_command(ckpt, run / "samples_ddim50", args.device, args.samples, ddim),
+        *(sample_command(ckpt, run / f"samples_{s}", args.device, args.samples, SAMPLERS[s]) for s in args.samplers),
     ]
 
 
@@ -49,6 +55,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--spacing", default="uniform", help="DDIM-50's timestep spacing (configs/sampler/ddim.yaml's)")
+    parser.add_argument("--samplers", nargs="*", choices=list(SAMPLERS), default=[], help="also these, after DDIM-50")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--first-core", type=int, default=0, help="on a CPU, the jobs' cores start here")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
@@ -71,6 +78,7 @@ def main() -> None:
         "lr": LR,
         "samples": args.samples,
         "sampler": f"DDIM-50, {args.spacing} spacing",
+        "samplers": {s: SAMPLERS[s] for s in args.samplers},
         "jobs": args.jobs,
         "shared_overrides": shared,
         "classifier_test_accuracy": accuracy,
@@ -85,6 +93,11 @@ def main() -> None:
             f"KID {r['kid']:8.3f} precision {r['precision']:.3f} recall {r['recall']:.3f}",
             flush=True,
         )
+        for s in args.samplers:
+            results = json.loads((args.work / name / f"samples_{s}" / "results.json").read_text())
+            images = at_28(npz_images(args.work / name / f"samples_{s}" / "samples.npz"))
+            r.setdefault("by_sampler", {})[s] = {"nfe": results["nfe"], **scores(net, images, reference, device)}
+            print(f"{'':>20}  {s}: FID {r['by_sampler'][s]['fid']:8.3f} ({results['nfe']} NFE)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     print(f"wrote {args.out}")

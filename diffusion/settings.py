@@ -199,6 +199,9 @@ SAMPLE_RANGES = {
     "eval.batches": Range(1, whole=True, allowed=(None,), fix="null for the whole split, e.g. eval.batches=10"),
     "eval.reference_images": Range(1, whole=True, allowed=(None,), fix="null for all the training images"),
     "eval.kid_subset_size": Range(2, whole=True, fix="e.g. eval.kid_subset_size=1000"),
+    "eval.probes": Range(1, whole=True, fix="e.g. eval.probes=1 (more: a less noisy trace, slower)"),
+    "eval.rtol": Range(0, 1, open_low=True, open_high=True, fix="e.g. {key}=1e-5 (Song et al.'s)"),
+    "eval.atol": Range(0, 1, open_low=True, open_high=True, fix="e.g. {key}=1e-5 (Song et al.'s)"),
 }
 
 # Numeric settings checked in code rather than by a range: lists, choices among numbers, and settings whose range

@@ -45,7 +45,9 @@ CATALOGUE = [
         ["error: dataset=streaming reads a folder written by", "python -m diffusion.data.prepare"],
     ),
     ("sample.py", ["ckpt=CKPT", "sampler.steps=abc"], ["error: sampler.steps='abc'"]),
-    ("sample.py", ["ckpt=EDM", "eval=nll"], ["error: eval=nll is the discrete variational bound", "eval=fid"]),
+    ("sample.py", ["ckpt=FLOW1", "eval=nll"], ["error: the likelihood integrates the probability-flow ODE", "t_max"]),
+    ("sample.py", ["ckpt=EDM", "eval=nll", "eval.probes=0"], ["error: eval.probes=0", "eval.probes=1"]),
+    ("sample.py", ["ckpt=EDM", "eval=nll", "eval.rtol=0"], ["error: eval.rtol=0", "1e-5"]),
     ("sample.py", ["ckpt=CKPT", "sampler=heun", "sampler.s_churn=-1"], ["error: sampler.s_churn=-1", "total churn"]),
     ("train.py", ["diffusion=edm", "diffusion.learned_variance=true"], ["diffusion.learned_variance", "not in struct"]),
     (

@@ -145,15 +145,16 @@ def test_euler_agrees_with_diffusers_flow_match_euler(shift):
 
 
 def test_every_sampler_refuses_or_samples_pure_noise():
-    """With t_max = 1 the noisiest level is pure noise (sigma = inf): Euler, DDIM and DPM-Solver++ start there
+    """With t_max = 1 the noisiest level is pure noise (sigma = inf): Euler, DDIM, DPM-Solver++ and DDPM start there
     (diffusers' grid does); the probability-flow ODE and the SDE, whose steps divide by a, and a grid even in log
     sigma, say so in one paragraph."""
     objective = Flow(**{**SETTINGS, "t_max": 1.0})
     assert math.isinf(objective.levels.sigma_max) and objective.sampling_level(1.0) == Level.of_sigma(math.inf)
     x_T = torch.randn(20_000, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for name, spacing in (("euler", "uniform"), ("ddim", "uniform"), ("dpm_solver", "quadratic")):
+    for name, spacing in (("euler", "uniform"), ("ddim", "uniform"), ("dpm_solver", "quadratic"), ("ddpm", "uniform")):
         sampler = default_sampler(name, spacing)  # not logsnr: even in log sigma, which has no end here
-        check_within(GAUSSIAN, final(sampler(denoiser(GAUSSIAN, objective), x_T)), STD_BIAS[name])
+        g = torch.Generator().manual_seed(1)
+        check_within(GAUSSIAN, final(sampler(denoiser(GAUSSIAN, objective), x_T, generator=g)), STD_BIAS[name])
     with pytest.raises(ValueError, match=r"spacing=logsnr .* reach pure noise"):
         final(default_sampler("dpm_solver")(denoiser(GAUSSIAN, objective), x_T))
     for name in ("ode", "sde"):
@@ -188,3 +189,7 @@ def test_a_flow_model_trains_with_labels_resumes_exactly_and_samples(tmp_path):
         assert results["nfe"] == nfe
         images = np.load(out / "samples.npz")["arr_0"]
         assert images.shape == (4, 16, 16, 1) and images.std() > 0
+    out = tmp_path / "nll"  # the likelihood through the probability-flow ODE (tests/test_likelihood.py)
+    overrides = [f"ckpt={last}", "n=2", "eval=nll", "eval.batches=1", "batch_size=8", "eval.rtol=1e-3"]
+    results = sample(compose_config("sample", [*overrides, "eval.atol=1e-3"], out))
+    assert math.isfinite(results["ode_nll_bpd"]) and results["images"] == 8 and "nll_bpd" not in results

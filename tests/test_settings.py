@@ -106,12 +106,15 @@ def test_each_range_of_train_py_refuses_a_value_outside_it(key):
 
 @pytest.mark.parametrize("key", [*sorted(schema.SAMPLE_RANGES), *(f"sampler.{n}" for n in schema.SAMPLER_RANGES)])
 def test_each_range_of_sample_py_refuses_a_value_outside_it(key):
-    settings = composed("sample", ["ckpt=x.ckpt", "sampler=heun", "eval=fid"])
+    evaluation = "eval=nll" if key in ("eval.probes", "eval.rtol", "eval.atol") else "eval=fid"
+    settings = composed("sample", ["ckpt=x.ckpt", "sampler=heun", evaluation])
     settings["sampler"].update(eta=0.0, corrector_steps=0, snr=0.16)  # every sampler option at once
     settings["eval"].update(batches=10)
     table = schema.SAMPLE_RANGES | {f"sampler.{n}": r for n, r in schema.SAMPLER_RANGES.items()}
     *groups, name = key.split(".")
-    node = settings[groups[0]] if groups else settings
+    node = settings
+    for group in groups:
+        node = node[group]
     for value in (out_of_range(table[key]), "abc"):
         node[name] = value
         with pytest.raises(SettingError) as raised:

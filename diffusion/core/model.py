@@ -115,12 +115,13 @@ class DiffusionModel(nn.Module):
         return lambda labels: self.denoiser(options, labels)
 
     @contextlib.contextmanager
-    def sampling(self) -> Iterator[None]:
-        """Evaluation mode (no dropout) under ``torch.inference_mode``, restored afterwards."""
+    def sampling(self, inference: bool = True) -> Iterator[None]:
+        """Evaluation mode (no dropout) under ``torch.inference_mode``, restored afterwards; ``inference=False``
+        leaves autograd on, for what differentiates the denoiser (the likelihood's divergence)."""
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(inference):
                 yield
         finally:
             self.train(was_training)

@@ -1,5 +1,6 @@
 """Evaluation: FID and KID against real images (torchmetrics), and the negative log-likelihood in bits per
-dimension through the variational bound (the evaluation of improved DDPM)."""
+dimension, through the variational bound (the evaluation of improved DDPM) and through the probability-flow ODE
+(:mod:`diffusion.core.likelihood`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from diffusion.core.denoiser import Denoiser
 from diffusion.core.images import to_uint8
+from diffusion.core.likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from diffusion.core.objectives import Objective
 from diffusion.core.reverse import Variance
 from diffusion.errors import RunError
@@ -103,6 +105,41 @@ def nll_bits_per_dim(
         "prior_bpd": float(prior.mean()),
         "decoder_bpd": float(decoder.mean()),
         "kl_bpd": float((total - prior - decoder).mean()),
+        "images": len(total),
+    }
+
+
+def ode_nll_bits_per_dim(
+    denoiser_for: Callable[[Tensor | None], Denoiser],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    probes: int,
+    rtol: float,
+    atol: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """The negative log-likelihood of 8-bit ``batches`` of ``(x0 in [-1, 1], labels)`` in bits per dimension through
+    the probability-flow ODE (:func:`diffusion.core.likelihood.ode_log_likelihood`), each image dequantized uniformly
+    within its bins: the mean and its standard error over images, and the denoiser's evaluations per image (each with
+    ``probes`` vector-Jacobian products). ``denoiser_for(labels)`` gives the denoiser for a batch; it must not clip."""
+    bits, evaluations = [], []
+    progress = tqdm(desc="NLL: probability-flow ODE", unit="batch", file=sys.stderr)
+    for x0, labels in batches:
+        x = dequantize(x0, generator)
+        log_likelihood, nfe = ode_log_likelihood(
+            denoiser_for(labels), x, probes=probes, rtol=rtol, atol=atol, generator=generator
+        )
+        bits.append(bits_per_dim(log_likelihood, x0[0].numel(), dequantized=True))
+        evaluations += [nfe] * len(x0)
+        progress.update(1)
+    progress.close()
+    if not bits:
+        raise RunError("there were no images to evaluate the likelihood on")
+    total = torch.cat(bits)
+    return {
+        "ode_nll_bpd": float(total.mean()),
+        "ode_nll_bpd_stderr": float(total.std() / math.sqrt(len(total))) if len(total) > 1 else float("nan"),
+        "ode_nfe": sum(evaluations) / len(evaluations),
         "images": len(total),
     }
 
