@@ -1,10 +1,12 @@
 """Sample quality at equal compute: this project (through train.py and sample.py) against lucidrains'
-denoising-diffusion-pytorch in a plain loop, on Fashion-MNIST, scored on the features of a small classifier.
+denoising-diffusion-pytorch (or, with ``--peer rectified_flow``, his rectified-flow-pytorch) in a plain loop, on
+Fashion-MNIST, scored on the features of a small classifier.
 
     python benchmarks/quality.py --device cuda --seconds 150                  # one GPU command, both systems
     python benchmarks/quality.py --device cuda --steps 2000                   # equal steps instead of equal time
     python benchmarks/quality.py --device cpu --seconds 1200 --samples 1000   # each system on its own pinned core
     python benchmarks/quality.py --seconds 30 --samples 200 -- model=tiny     # a smoke run (after --: train.py's)
+    python benchmarks/quality.py --device cpu --seconds 1200 --samples 1000 --peer rectified_flow -- diffusion=flow
 
 Both systems train on the Fashion-MNIST files of Debian's ``dataset-fashion-mnist`` at batch 128 (``--batch``), each
 at its own learning rate (this project's for ``experiment=fashion``, lucidrains' ``Trainer`` default, 1e-4, read from
@@ -15,6 +17,11 @@ compilation and start-up count as they do for a user. lucidrains' library runs w
 and betas (0.9, 0.99),
 clipping at 1, ``EMA(beta=0.995, update_every=10)``) at 28x28; this project with ``experiment=fashion`` and any
 overrides given.
+
+rectified-flow-pytorch runs as its README trains it: ``RectifiedFlow(Unet(...))`` (velocity prediction, uniform
+times, MSE) with its ``Trainer``'s defaults (Adam at lr 3e-4, clipping at 0.5, ema-pytorch's ``EMA`` with its
+defaults, updated every step), the same Unet layout as above, and it samples with its own ODE solve (torchdiffeq's
+midpoint over 16 times, 30 evaluations; ``--fast``: 11 times, 20 evaluations).
 
 Each system then draws ``--samples`` images with DDIM-50 from seed 0 (this project's images do not depend on the batch
 size; lucidrains' are drawn in fixed batches from a seeded global generator), and with ``--fast`` also with its best
@@ -46,12 +53,16 @@ from diffusion.outputs.writers import grid_image, write_png
 LR = train_hparams("experiment=fashion")["optimizer"]["lr"]  # this project's, for experiment=fashion
 
 
-def lucidrains_default(name: str):
-    """A default of lucidrains' own ``Trainer`` (its recommended settings: train_lr 1e-4, adam_betas (0.9, 0.99)),
-    read from the installed library so that the peer runs as its users run it, not with this project's settings."""
+def lucidrains_default(name: str, peer: str = "denoising_diffusion"):
+    """A default of the peer's own ``Trainer`` (denoising-diffusion-pytorch's: train_lr 1e-4, adam_betas (0.9,
+    0.99); rectified-flow-pytorch's: learning_rate 3e-4, max_grad_norm 0.5), read from the installed library so that
+    the peer runs as its users run it, not with this project's settings."""
     import inspect
 
-    from denoising_diffusion_pytorch import Trainer
+    if peer == "rectified_flow":
+        from rectified_flow_pytorch import Trainer
+    else:
+        from denoising_diffusion_pytorch import Trainer
 
     return inspect.signature(Trainer.__init__).parameters[name].default
 
@@ -127,6 +138,49 @@ def lucidrains_worker(args: argparse.Namespace) -> None:
     torch.save(result, run / "samples.pt")
 
 
+def rectified_flow_worker(args: argparse.Namespace) -> None:
+    """Trains lucidrains' rectified flow as its Trainer does (one step: loss, backward, clipping, Adam, EMA) in a
+    plain loop for the budget, then draws the samples with the EMA model's own ODE solve (a subprocess)."""
+    from ema_pytorch import EMA
+    from rectified_flow_pytorch import RectifiedFlow, Unet
+
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    run = Path(args.worker_dir)
+    images = fashion(run / "data")[0].float().div(255)  # [0, 1]: the library normalises itself
+    torch.manual_seed(0)
+    flow = RectifiedFlow(Unet(dim=args.lucidrains_dim, dim_mults=(1, 2, 4), channels=1)).to(device)
+    ema = EMA(flow, forward_method_names=("sample",)).to(device)  # the Trainer's, with its defaults
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lucidrains_default("learning_rate", "rectified_flow"))
+    clip = lucidrains_default("max_grad_norm", "rectified_flow")
+    images = images.to(device)
+    steps = 0
+    while (time.perf_counter() - start < args.seconds) if args.steps is None else steps < args.steps:
+        batch = images[torch.randint(0, len(images), (args.batch,), device=device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = flow(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update()
+        steps += 1
+    trained = time.perf_counter() - start
+    batch = 500 if device.type == "cuda" else 100
+
+    def draw(times: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            sizes = [min(batch, args.samples - s) for s in range(0, args.samples, batch)]
+            drawn = [ema.sample(batch_size=size, steps=times, data_shape=(1, 28, 28)) for size in sizes]
+        return (torch.cat(drawn).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+    result = {"images": draw(16), "steps": steps, "seconds": trained}  # its default: 16 times, 30 evaluations
+    if args.fast:
+        result["fast_images"] = draw(11)  # 20 evaluations
+    torch.save(result, run / "samples.pt")
+
+
 def finish(process: subprocess.Popen, what: str, log: Path) -> None:
     if process.wait() != 0:
         raise SystemExit(f"{what} failed; its output is in {log}:\n{log.read_text()[-3000:]}")
@@ -143,7 +197,7 @@ def run_pair(args: argparse.Namespace, overrides: list[str]) -> dict:
         shutil.rmtree(stale, ignore_errors=True)  # an earlier run's results (the data stays)
     worker = [sys.executable, __file__, "--worker-dir", str(theirs), "--device", args.device]
     worker += ["--batch", str(args.batch), "--samples", str(args.samples), "--seconds", str(args.seconds)]
-    worker += ["--lucidrains-dim", str(args.lucidrains_dim)]
+    worker += ["--lucidrains-dim", str(args.lucidrains_dim), "--peer", args.peer]
     worker += ["--steps", str(args.steps)] if args.steps else []
     worker += ["--fast"] if args.fast else []
     cpu = args.device == "cpu"
@@ -168,7 +222,8 @@ def run_pair(args: argparse.Namespace, overrides: list[str]) -> dict:
     }
     if args.fast:
         results["ours_fast"] = {"images": npz_images(ours / "samples_fast" / "samples.npz"), "sampler": "DPM++ 20"}
-        results["lucidrains_fast"] = {"images": other["fast_images"], "sampler": "DDIM-20"}
+        peer_fast = "midpoint, 11 times (20 NFE)" if args.peer == "rectified_flow" else "DDIM-20"
+        results["lucidrains_fast"] = {"images": other["fast_images"], "sampler": peer_fast}
     # what our run trained with, overrides included (the preset's lr unless one was given after --)
     return {"systems": results, "wall_seconds": time.perf_counter() - started, "hparams": state["hyper_parameters"]}
 
@@ -180,6 +235,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="equal steps instead of equal time")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lucidrains-dim", type=int, default=None, help="its Unet's dim; default 64 (GPU), 32 (CPU)")
+    parser.add_argument("--peer", choices=["denoising_diffusion", "rectified_flow"], default="denoising_diffusion")
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "quality")
@@ -190,7 +246,7 @@ def main() -> None:
     overrides = [o for o in overrides if o != "--"]
     args.lucidrains_dim = args.lucidrains_dim or (64 if args.device == "cuda" else 32)
     if args.worker_dir:
-        return lucidrains_worker(args)
+        return rectified_flow_worker(args) if args.peer == "rectified_flow" else lucidrains_worker(args)
     device = torch.device(args.device)
     data_root = args.work / "ours" / "data"
     data = fashion(data_root)
@@ -200,12 +256,14 @@ def main() -> None:
     results = run["systems"]
     test = data[2]
     reference, held_out = test[: len(test) // 2], test[len(test) // 2 :][: args.samples]
+    peer_lr = "learning_rate" if args.peer == "rectified_flow" else "train_lr"
     report = {
         "device": args.device,
         "budget": {"seconds": args.seconds} if args.steps is None else {"steps": args.steps},
         "batch": args.batch,
         "lucidrains_dim": args.lucidrains_dim,
-        "lr": {"ours": run["hparams"]["optimizer"]["lr"], "lucidrains": lucidrains_default("train_lr")},
+        "peer": args.peer,
+        "lr": {"ours": run["hparams"]["optimizer"]["lr"], "lucidrains": lucidrains_default(peer_lr, args.peer)},
         "diffusion": run["hparams"]["diffusion"],
         "samples": args.samples,
         "overrides": overrides,

@@ -149,7 +149,7 @@ def test_a_flow_reaching_pure_noise_is_refused():
 @pytest.mark.parametrize("name", ["edm", "improved"])
 def test_sample_nll_on_continuous_and_discrete_checkpoints(name, tmp_path):
     """eval=nll on an EDM checkpoint (refused before) gives the ODE's figure; on a discrete one both, the bound and
-    the ODE. An untrained network (6 steps) is far from the data: both are well above the 8 bits of a uniform."""
+    the ODE (their values on a trained model: tests/test_sample.py)."""
     out = tmp_path / name
     ckpt = OLD / name / "checkpoints" / "last.ckpt"
     args = ["n=4", "gif_frames=2", "eval=nll", "eval.batches=1", "batch_size=8", "eval.rtol=1e-3"]
