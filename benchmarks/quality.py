@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,14 @@ def sample_ours(args: argparse.Namespace, run: Path, fast: bool = False) -> list
     return sample_command(run / "checkpoints" / "last.ckpt", out, args.device, args.samples, sampler)
 
 
+def drawn_in_batches(sample: Callable[[int], torch.Tensor], samples: int, batch: int) -> torch.Tensor:
+    """A peer's ``samples`` images in [0, 1], drawn ``batch`` at a time from the seeded global generator, as uint8."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        drawn = [sample(min(batch, samples - s)) for s in range(0, samples, batch)]
+    return (torch.cat(drawn).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def lucidrains_worker(args: argparse.Namespace) -> None:
     """Trains lucidrains' model in a plain loop for the budget, then draws the samples (a subprocess)."""
     from denoising_diffusion_pytorch import GaussianDiffusion, Unet
@@ -125,12 +134,8 @@ def lucidrains_worker(args: argparse.Namespace) -> None:
 
     def draw(sampling_steps: int) -> torch.Tensor:
         """Its DDIM at ``sampling_timesteps`` steps (the library reads the attribute when it samples)."""
-        torch.manual_seed(0)
         ema.ema_model.sampling_timesteps = sampling_steps
-        with torch.inference_mode():
-            sizes = [min(batch, args.samples - s) for s in range(0, args.samples, batch)]
-            drawn = [ema.ema_model.sample(batch_size=size) for size in sizes]
-        return (torch.cat(drawn).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        return drawn_in_batches(lambda size: ema.ema_model.sample(batch_size=size), args.samples, batch)
 
     result = {"images": draw(50), "steps": steps, "seconds": trained}
     if args.fast:
@@ -169,11 +174,9 @@ def rectified_flow_worker(args: argparse.Namespace) -> None:
     batch = 500 if device.type == "cuda" else 100
 
     def draw(times: int) -> torch.Tensor:
-        torch.manual_seed(0)
-        with torch.inference_mode():
-            sizes = [min(batch, args.samples - s) for s in range(0, args.samples, batch)]
-            drawn = [ema.sample(batch_size=size, steps=times, data_shape=(1, 28, 28)) for size in sizes]
-        return (torch.cat(drawn).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        return drawn_in_batches(
+            lambda size: ema.sample(batch_size=size, steps=times, data_shape=(1, 28, 28)), args.samples, batch
+        )
 
     result = {"images": draw(16), "steps": steps, "seconds": trained}  # its default: 16 times, 30 evaluations
     if args.fast:
