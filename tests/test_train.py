@@ -150,7 +150,8 @@ def test_help_lists_the_groups_each_script_takes():
         "dataset: cifar, digits, fashion, folder, mnist, streaming" in result.stdout and "  eval:" not in result.stdout
     )
     result = run_script("sample.py", "--help")
-    assert "  sampler: ddim, ddpm, dpm_solver, heun, ode, sde" in result.stdout and "  eval: fid, nll" in result.stdout
+    assert "  sampler: ddim, ddpm, dpm_solver, euler, heun, ode, sde" in result.stdout
+    assert "  eval: fid, nll" in result.stdout
     assert "  dataset:" not in result.stdout and "  diffusion:" not in result.stdout
 
 
