@@ -18,6 +18,7 @@ from diffusion.core.likelihood import BIN, bits_per_dim, dequantize, ode_log_lik
 from diffusion.core.objectives.edm import EDM
 from diffusion.core.objectives.flow import Flow
 from diffusion.errors import SettingError
+from diffusion.outputs.reports import results_table
 from sample import sample
 from tests.analytic import GaussianMixture, schedule_levels
 from tests.helpers import compose_config
@@ -158,3 +159,10 @@ def test_sample_nll_on_continuous_and_discrete_checkpoints(name, tmp_path):
     assert math.isfinite(results["ode_nll_bpd"]) and results["images"] == 8 and results["ode_nfe"] > 10
     assert ("nll_bpd" in results) == (name == "improved")
     assert results["ode_probes"] == 1 and results["ode_rtol"] == 1e-3
+
+
+def test_the_results_table_shows_the_ode_figure():
+    """sample.py prints it, and a sweep's summary.md holds it, beside the bound's."""
+    table = results_table([{"sampler": "heun", "steps": 18, "nll_bpd": 3.5, "ode_nll_bpd": 3.25}])
+    header, _, row = table.splitlines()
+    assert header.endswith("| nll_bpd | ode_nll_bpd |") and row.endswith("| 3.5 | 3.25 |")

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from diffusion.outputs.writers import atomic_path
 
-COLUMNS = ("sampler", "steps", "nfe", "seconds", "images_per_second", "fid", "kid", "nll_bpd")
+COLUMNS = ("sampler", "steps", "nfe", "seconds", "images_per_second", "fid", "kid", "nll_bpd", "ode_nll_bpd")
 OPTIONS = ("ema_length", "guidance", "eta", "ema", "precision", "seed")  # shown when a sweep varies them
 
 
