@@ -101,6 +101,28 @@ def drawn_in_batches(sample: Callable[[int], torch.Tensor], samples: int, batch:
     return (torch.cat(drawn).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
+def train_for_budget(
+    args: argparse.Namespace, start: float, model: torch.nn.Module, optimizer, ema, clip: float, images: torch.Tensor
+) -> tuple[int, float]:
+    """A peer's plain loop, as its Trainer steps (loss, backward, clipping at ``clip``, Adam, EMA), on random batches
+    of ``images``, until the budget (seconds since ``start``, or steps) is spent; bf16 autocast on a GPU. Returns the
+    steps made and the seconds since ``start``."""
+    device = torch.device(args.device)
+    images = images.to(device)
+    steps = 0
+    while (time.perf_counter() - start < args.seconds) if args.steps is None else steps < args.steps:
+        batch = images[torch.randint(0, len(images), (args.batch,), device=device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        ema.update()
+        steps += 1
+    return steps, time.perf_counter() - start
+
+
 def lucidrains_worker(args: argparse.Namespace) -> None:
     """Trains lucidrains' model in a plain loop for the budget, then draws the samples (a subprocess)."""
     from denoising_diffusion_pytorch import GaussianDiffusion, Unet
@@ -117,19 +139,7 @@ def lucidrains_worker(args: argparse.Namespace) -> None:
     optimizer = torch.optim.Adam(
         diffusion.parameters(), lr=lucidrains_default("train_lr"), betas=lucidrains_default("adam_betas")
     )
-    images = images.to(device)
-    steps = 0
-    while (time.perf_counter() - start < args.seconds) if args.steps is None else steps < args.steps:
-        batch = images[torch.randint(0, len(images), (args.batch,), device=device)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = diffusion(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(diffusion.parameters(), 1.0)
-        optimizer.step()
-        ema.update()
-        steps += 1
-    trained = time.perf_counter() - start
+    steps, trained = train_for_budget(args, start, diffusion, optimizer, ema, 1.0, images)
     batch = 500 if device.type == "cuda" else 100
 
     def draw(sampling_steps: int) -> torch.Tensor:
@@ -158,19 +168,7 @@ def rectified_flow_worker(args: argparse.Namespace) -> None:
     ema = EMA(flow, forward_method_names=("sample",)).to(device)  # the Trainer's, with its defaults
     optimizer = torch.optim.Adam(flow.parameters(), lr=lucidrains_default("learning_rate", "rectified_flow"))
     clip = lucidrains_default("max_grad_norm", "rectified_flow")
-    images = images.to(device)
-    steps = 0
-    while (time.perf_counter() - start < args.seconds) if args.steps is None else steps < args.steps:
-        batch = images[torch.randint(0, len(images), (args.batch,), device=device)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = flow(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flow.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.update()
-        steps += 1
-    trained = time.perf_counter() - start
+    steps, trained = train_for_budget(args, start, flow, optimizer, ema, clip, images)
     batch = 500 if device.type == "cuda" else 100
 
     def draw(times: int) -> torch.Tensor:
