@@ -66,6 +66,7 @@ class OptimizerSettings:
     warmup_steps: int = MISSING
     lr_schedule: str = MISSING
     min_lr_ratio: float = MISSING
+    t_ref: int = MISSING
     fused: bool = MISSING
 
 
@@ -155,6 +156,7 @@ TRAIN_RANGES = {
     "optimizer.weight_decay": Range(0, fix="0 for none"),
     "optimizer.warmup_steps": Range(0, whole=True, fix="0 starts at the full learning rate"),
     "optimizer.min_lr_ratio": Range(0, 1, fix="e.g. 0.05"),
+    "optimizer.t_ref": Range(1, whole=True, fix="the optimizer step where the inv_sqrt decay starts, e.g. 70000"),
     "trainer.max_steps": Range(1, whole=True, allowed=(-1,), fix="give the number of optimizer steps, e.g. {key}=2500"),
     "trainer.max_epochs": Range(1, whole=True, allowed=(-1, None), fix="-1 for no limit (trainer.max_steps ends it)"),
     "trainer.devices": Range(1, whole=True, allowed=(-1,), others="Lightning", fix="e.g. {key}=2, or -1 for all"),

@@ -23,6 +23,7 @@ IMAGE_FORMAT = ("image_size", "channels")  # the dataset settings that shape the
 UNET = "diffusion.core.networks.unet.UNet"
 DDPM = "diffusion.core.objectives.DDPM"
 EDM = "diffusion.core.objectives.EDM"
+FLOW = "diffusion.core.objectives.flow.Flow"
 
 
 def from_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -38,7 +39,9 @@ def upgrade(hparams: dict[str, Any]) -> dict[str, Any]:
     sigma grid from 0.002 to 80 with rho 7); before that, the dataset was stored as ``data``;
     ``diffusion.clip_x0`` (and ``dynamic_threshold``, which sample.py wrote into the model) became sampling options;
     ``optimizer.schedule`` became ``optimizer.lr_schedule``; ``dataset.strict``, ``dataset.background``,
-    ``model.checkpointing`` and EDM's ``p_mean``/``p_std`` came later, with the values given here."""
+    ``model.checkpointing``, EDM's ``p_mean``/``p_std``, ``optimizer.t_ref`` and EDM's and flow matching's
+    ``learned_weighting`` came later, with the values given
+    here (``t_ref`` is read by ``lr_schedule=inv_sqrt`` only, which such a run cannot have used)."""
     hparams = copy.deepcopy(hparams)
     if "dataset" not in hparams and "data" in hparams:
         hparams["dataset"] = hparams.pop("data")
@@ -46,12 +49,16 @@ def upgrade(hparams: dict[str, Any]) -> dict[str, Any]:
         hparams.get("diffusion", {}).pop(key, None)
     if "schedule" in hparams.get("optimizer", {}):
         hparams["optimizer"]["lr_schedule"] = hparams["optimizer"].pop("schedule")
+    if "optimizer" in hparams:
+        hparams["optimizer"] = {"t_ref": 70000, **hparams["optimizer"]}
     if "dataset" in hparams:
         hparams["dataset"] = {"strict": False, "background": [255, 255, 255], **hparams["dataset"]}
     if "model" in hparams and "_target_" not in hparams["model"]:
         hparams["model"] = {"_target_": UNET, "checkpointing": False, **hparams["model"]}
     if "diffusion" in hparams and "_target_" not in hparams["diffusion"]:
         hparams["diffusion"] = _objective_of_target(hparams["diffusion"])
+    if hparams.get("diffusion", {}).get("_target_") in (EDM, FLOW):
+        hparams["diffusion"] = {"learned_weighting": False, **hparams["diffusion"]}
     return hparams
 
 

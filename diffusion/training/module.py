@@ -127,9 +127,9 @@ class DiffusionModule(LightningModule):
         terms = self.losses(x0, labels, level, torch.randn_like(x0), drop)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True)
-        if "vb" in terms:
-            self.log("train/vb", terms["vb"].mean())
-        self.loss_by_quartile.update(terms["loss"].detach(), objective.quartile(level))
+        for name in sorted(terms.keys() - {"loss"}):  # the parts (vb), and a learned weighting's unweighted loss and u
+            self.log(f"train/{name}", terms[name].mean())
+        self.loss_by_quartile.update(terms.get("unweighted", terms["loss"]).detach(), objective.quartile(level))
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -185,7 +185,8 @@ class DiffusionModule(LightningModule):
         self.log("train/grad_norm", norm)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (fused on CPU and CUDA when ``fused``), with linear warm-up then a constant or cosine learning rate."""
+        """AdamW (fused on CPU and CUDA when ``fused``), with linear warm-up then a constant, cosine or
+        inverse-square-root learning rate."""
         s = self.optimizer_settings
         optimizer = torch.optim.AdamW(
             self.parameters(),
@@ -196,7 +197,7 @@ class DiffusionModule(LightningModule):
             fused=s["fused"] and self.device.type in ("cuda", "cpu"),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        shape = {"warmup_steps": s["warmup_steps"], "shape": s["lr_schedule"], "min_lr_ratio": s["min_lr_ratio"]}
+        shape = {key: s[key] for key in ("warmup_steps", "min_lr_ratio", "t_ref")} | {"shape": s["lr_schedule"]}
         lr_factor(0, total_steps=total, **shape)  # checks the settings before training starts
 
         def factor(step: int) -> float:

@@ -10,7 +10,9 @@ preconditioning wrapper and a loss class; here both halves are one object, since
   the common space (:meth:`Objective.network_input`) and how its output reads as (x_0, eps)
   (:meth:`Objective.prediction`), which :class:`diffusion.core.denoiser.NetworkDenoiser` wraps for the samplers;
 - what it supports, declared, so that settings checks and sample.py ask it rather than its name:
-  :attr:`Objective.learned_variance`, :attr:`Objective.has_variational_bound`.
+  :attr:`Objective.learned_variance`, :attr:`Objective.has_variational_bound`;
+- optionally, EDM2's learned weighting of the loss per noise level (:attr:`Objective.weighting`, applied by
+  :meth:`Objective.weighted`), a head with parameters of its own that train with the network.
 
 The network is any module called as ``network(x_in, noise_conditioning, labels)`` (:mod:`diffusion.core.networks`);
 the objective gives it ``noise_conditioning`` as a float32 ``(B,)`` tensor of its own scale. An objective is an
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from diffusion.core.denoiser import Denoiser, Prediction
 from diffusion.core.levels import Level, NoiseLevels
+from diffusion.core.objectives.weighting import LearnedWeighting, uncertainty_weighted
 from diffusion.core.reverse import Variance
 
 # network(x_in, noise_conditioning) -> output, the class labels bound: what an objective calls in training
@@ -40,6 +43,23 @@ class Objective(nn.Module, ABC):
     levels: NoiseLevels
     learned_variance: bool = False  # the network also outputs a variance (doubling its output channels)
     has_variational_bound: bool = False  # the discrete variational bound on log p(x_0) (sample.py eval=nll)
+    weighting: LearnedWeighting | None  # EDM2's learned loss weighting, when the objective has one
+
+    def __init__(self) -> None:
+        super().__init__()
+        # an instance attribute, not a class default: nn.Module keeps a submodule in _modules, which a class
+        # attribute of the same name would shadow
+        self.weighting = None
+
+    def weighted(self, terms: dict[str, Tensor], noise_conditioning: Tensor) -> dict[str, Tensor]:
+        """``terms`` with the trained-on ``loss`` L replaced by L / e^u + u under :attr:`weighting`, u its head's value
+        at the network's ``noise_conditioning`` ``(B,)``; L itself is kept as ``unweighted`` (what TensorBoard's
+        quartiles show) and u as ``u``. Without a head, ``terms`` unchanged."""
+        if self.weighting is None:
+            return terms
+        u = self.weighting(noise_conditioning)
+        loss = terms["loss"]
+        return {**terms, "loss": uncertainty_weighted(loss, u), "unweighted": loss.detach(), "u": u.detach()}
 
     def output_channels(self, channels: int) -> int:
         """The network's output channels for images of ``channels`` channels."""

@@ -29,6 +29,7 @@ from diffusion import checks
 from diffusion.core.denoiser import Prediction
 from diffusion.core.levels import ContinuousLevels, Level
 from diffusion.core.objectives.base import NetworkCall, Objective
+from diffusion.core.objectives.weighting import LearnedWeighting
 
 
 def preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -68,10 +69,19 @@ class EDM(Objective):
         sigma_data: the standard deviation of the data the preconditioning assumes.
         sigma_min, sigma_max, rho: the levels the model is sampled at: sigma in [sigma_min, sigma_max], a grid
             ``uniform`` in its time being eq. 5's with exponent rho.
+        learned_weighting: EDM2's learned uncertainty of the loss (:mod:`.weighting`), on c_noise.
     """
 
     def __init__(
-        self, *, p_mean: float, p_std: float, sigma_data: float, sigma_min: float, sigma_max: float, rho: float
+        self,
+        *,
+        p_mean: float,
+        p_std: float,
+        sigma_data: float,
+        sigma_min: float,
+        sigma_max: float,
+        rho: float,
+        learned_weighting: bool,
     ) -> None:
         super().__init__()
         if p_mean is None or p_std is None:
@@ -84,6 +94,8 @@ class EDM(Objective):
         checks.number("diffusion.sigma_min", sigma_min, 0, 1e4, "EDM's is 0.002", open_low=True)
         checks.number("diffusion.sigma_max", sigma_max, sigma_min, 1e4, "above sigma_min; EDM's is 80", open_low=True)
         checks.number("diffusion.rho", rho, 0, 100, "EDM's is 7", open_low=True)
+        checks.flag("diffusion.learned_weighting", learned_weighting)
+        self.weighting = LearnedWeighting() if learned_weighting else None
         self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.levels = ContinuousLevels(lambda tau: karras_ramp(tau, sigma_min, sigma_max, rho))
@@ -99,7 +111,8 @@ class EDM(Objective):
         x = x0 + sigma.to(x0.dtype) * noise
         _, _, c_in, c_noise = preconditioning(sigma, self.sigma_data)
         output = network(c_in.to(x0.dtype) * x, c_noise.flatten().float())
-        return {"loss": edm_loss(output, x0, x, level.to(torch.float64), self.sigma_data)}
+        terms = {"loss": edm_loss(output, x0, x, level.to(torch.float64), self.sigma_data)}
+        return self.weighted(terms, c_noise.flatten().float())
 
     def sampling_level(self, level: float) -> Level:
         return Level.of_sigma(float(level))

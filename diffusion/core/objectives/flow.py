@@ -32,6 +32,7 @@ from diffusion.core.denoiser import Prediction
 from diffusion.core.levels import ContinuousLevels, Level
 from diffusion.core.losses import mean_flat
 from diffusion.core.objectives.base import NetworkCall, Objective
+from diffusion.core.objectives.weighting import LearnedWeighting
 
 TimeSampling = Literal["logit_normal", "uniform"]
 TIMESTEP_SCALE = 1000.0  # the network's noise conditioning is 1000 t (see the module docstring)
@@ -57,6 +58,7 @@ class Flow(Objective):
         shift: SD3's time shift (1: none), for training and sampling.
         t_min, t_max: the times the model is sampled at lie in [t_min, t_max] (after the shift): the last evaluation
             near the data, the first near (or, at 1, at) pure noise.
+        learned_weighting: EDM2's learned uncertainty of the loss (:mod:`.weighting`), on 1000 t.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class Flow(Objective):
         shift: float,
         t_min: float,
         t_max: float,
+        learned_weighting: bool,
     ) -> None:
         super().__init__()
         checks.choice("diffusion.t_sampling", t_sampling, get_args(TimeSampling))
@@ -77,7 +80,9 @@ class Flow(Objective):
         checks.number("diffusion.t_min", t_min, 0, 1, "e.g. diffusers' 0.001", open_low=True, open_high=True)
         checks.number("diffusion.t_max", t_max, t_min, 1, "above t_min, at most 1 (noise), e.g. 0.999", open_low=True)
         self.t_sampling, self.logit_mean, self.logit_std, self.shift = t_sampling, logit_mean, logit_std, shift
+        checks.flag("diffusion.learned_weighting", learned_weighting)
         self.t_min, self.t_max = t_min, t_max
+        self.weighting = LearnedWeighting() if learned_weighting else None
         self.levels = ContinuousLevels(self.sigma_of_time)
 
     def sigma_of_time(self, tau: Tensor) -> Tensor:
@@ -98,11 +103,12 @@ class Flow(Objective):
     def losses(self, network: NetworkCall, x0: Tensor, level: Tensor, noise: Tensor) -> dict[str, Tensor]:
         t = level.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         x_t = (1.0 - t) * x0 + t * noise
-        output = network(x_t, TIMESTEP_SCALE * level.float())
+        conditioning = TIMESTEP_SCALE * level.float()
+        output = network(x_t, conditioning)
         if output.shape != x0.shape:
             raise ValueError(f"the network output has shape {tuple(output.shape)}, expected {tuple(x0.shape)}")
         dtype = torch.promote_types(output.dtype, torch.float32)  # bf16 outputs: the loss in float32
-        return {"loss": mean_flat((output.to(dtype) - (noise - x0).to(dtype)) ** 2)}
+        return self.weighted({"loss": mean_flat((output.to(dtype) - (noise - x0).to(dtype)) ** 2)}, conditioning)
 
     def sampling_level(self, level: float) -> Level:
         """sigma = t / (1 - t)."""
