@@ -10,8 +10,9 @@ allocator's (``torch.cuda.max_memory_allocated``). On a CPU it is the peak of th
 PyTorch's ``MemTracker`` (which also splits them into weights, gradients, optimizer state and activations): the
 process's resident size, the alternative, moves by tens of MB from run to run with what the C allocator keeps or
 returns to the system. One training step is forward, loss, backward and a fused AdamW step on RGB images, as in
-train_throughput.py. ``--large`` measures the presets made for larger images (``experiment=folder``'s base UNet with
-its levels for the size, ``model=ddpm_128`` and ``model=ddpm_256``) at the sizes they are for, each without and with
+train_throughput.py. The 32x32 presets include EDM2's and U-ViT's (``model=edm2_*``, ``uvit_*``). ``--large``
+measures the presets made for larger images (``experiment=folder``'s base UNet with its levels for the size, EDM2's
+XS and S at 64, ``model=ddpm_128`` and ``model=ddpm_256``) at the sizes they are for, each without and with
 ``model.checkpointing``, and the median time of a training step at the larger batch (timed without the memory
 tracker, which slows every operation).
 """
@@ -28,7 +29,9 @@ import torch
 from common import ROOT, machine, setup_device, table, write_json
 
 PRESETS = (("tiny", 32), ("small", 32), ("base", 32), ("ddpm_cifar", 32))
-LARGE = (("folder", 64), ("folder", 128), ("ddpm_128", 128), ("folder", 256), ("ddpm_256", 256))
+PRESETS += (("edm2_tiny", 32), ("uvit_tiny", 32), ("edm2_small", 32), ("uvit_small", 32))  # the other networks
+LARGE = (("folder", 64), ("edm2_xs", 64), ("edm2_s", 64), ("folder", 128), ("ddpm_128", 128), ("folder", 256))
+LARGE += (("ddpm_256", 256),)
 LARGE_BATCHES = {64: (2, 4), 128: (1, 2), 256: (1, 2)}  # small enough for a CPU; the slope is what counts
 
 

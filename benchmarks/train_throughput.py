@@ -1,9 +1,13 @@
 """Training throughput of this project's UNet next to lucidrains' and diffusers' UNets, and what fraction of the
-machine's measured peak each reaches.
+machine's measured peak each reaches; with ``--networks``, this project's networks side by side instead (the UNet,
+EDM2's and U-ViT at each size, and EDM2's XS and S at 64x64).
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/train_throughput.py --quick                       # one pinned CPU core, a few minutes
     python benchmarks/train_throughput.py --device cuda --threads 0 --gpu-features
+    python benchmarks/train_throughput.py --networks --quick --out benchmarks/results/networks_cpu.json
+    python benchmarks/train_throughput.py --networks --large --device cuda --threads 0 --precision bf16 \
+        --out benchmarks/results/networks_gpu.json
 
 Every model trains under the same step (fp32 unless --precision bf16: forward, MSE loss, backward, fused AdamW) on
 a fixed batch of 32x32x3 images; the runs are interleaved and the medians reported. GFLOP/img is the forward pass
@@ -30,20 +34,29 @@ from diffusion.data.datamodule import random_hflip
 from diffusion.data.loaders import ShardedBatchSampler, device_loader
 
 
-def ours(preset: str) -> torch.nn.Module:
-    return preset_unet(preset, 32, 3)
+def ours(preset: str, size: int = 32) -> torch.nn.Module:
+    return preset_unet(preset, size, 3)
+
+
+# --networks: this project's networks, each group at about one compute per image (configs/model/*.yaml), the UNet first
+NETWORKS = {
+    32: [("tiny", "tiny"), ("edm2_tiny", "edm2_tiny"), ("uvit_tiny", "uvit_tiny"),
+         ("small", "small"), ("edm2_small", "edm2_small"), ("uvit_small", "uvit_small (U-ViT-S/2)")],
+    64: [("base", "base (improved-DDPM layout, width 96)"), ("edm2_xs", "edm2_xs (EDM2-XS)"),
+         ("edm2_s", "edm2_s (EDM2-S)")],
+}  # fmt: skip
 
 
 class Case:
     """One model trained on a fixed batch: its step, forward FLOPs and parameter count."""
 
-    def __init__(self, name, model, batch, device, *, precision="fp32", channels_last=False, compile=False):
+    def __init__(self, name, model, batch, device, *, precision="fp32", channels_last=False, compile=False, size=32):
         torch.manual_seed(0)
         self.name, self.batch, self.device, self.precision = name, batch, device, precision
         self.model = model.to(device)
-        self.x = torch.randn(batch, 3, 32, 32, device=device)
+        self.x = torch.randn(batch, 3, size, size, device=device)
         self.t = torch.randint(0, 1000, (batch,), device=device)
-        self.target = torch.randn(batch, 3, 32, 32, device=device)
+        self.target = torch.randn(batch, 3, size, size, device=device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
@@ -88,6 +101,38 @@ def data_pipeline_overhead(case: Case, device: torch.device, rounds: int, per_ro
     return {**times, "overhead_percent": 100 * (times["loader"] / times["ready"] - 1)}
 
 
+def networks(args, device: torch.device, build, rounds: int, per_round: int) -> None:
+    """The --networks tables: per group of about one compute per image, parameters, forward GFLOP per image, images
+    per second and the speed against the group's UNet (the first row), in interleaved rounds."""
+    rows = []
+    for size, presets in NETWORKS.items():
+        if size == 64 and not args.large:
+            continue
+        batch = max(1, args.batch // 4) if size == 64 else args.batch
+        group = [build(name, ours(preset, size), batch, size=size) for preset, name in presets]
+        for case in group:
+            for _ in range(2):
+                case.step()
+        seconds = interleaved({c.name: c.step for c in group}, device, rounds, per_round)
+        for case in group:
+            rows.append(
+                {
+                    "model": case.name,
+                    "image_size": size,
+                    "batch": case.batch,
+                    "params_M": case.params / 1e6,
+                    "fwd_GFLOP_per_img": case.gflop_per_image,
+                    "img_per_s": case.batch / seconds[case.name],
+                    "vs_unet": seconds[group[0].name] / seconds[case.name],
+                    "precision": case.precision,
+                }
+            )
+    info = machine(device)
+    print(f"\nTraining throughput of the networks, 3 channels, {args.precision}, {info}")
+    print(table(rows, ["model", "image_size", "batch", "params_M", "fwd_GFLOP_per_img", "img_per_s", "vs_unet"]))
+    write_json(args.out, {"machine": info, "precision": args.precision, "quick": args.quick, "networks": rows})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -100,6 +145,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also run this project's UNet compiled")
     parser.add_argument("--gpu-features", action="store_true", help="ddpm_cifar with bf16 + compile + channels-last")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, ddpm_cifar at a quarter of the batch")
+    parser.add_argument("--networks", action="store_true", help="this project's networks side by side, no peers")
+    parser.add_argument("--large", action="store_true", help="with --networks: also the 64x64 group")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
     args = parser.parse_args()
     threads = args.threads or torch.get_num_threads()
@@ -109,6 +156,9 @@ def main() -> None:
 
     def build(name, model, batch, **switches):
         return Case(name, model, batch, device, precision=args.precision, **switches)
+
+    if args.networks:
+        return networks(args, device, build, rounds, per_round)
 
     small = [
         build("ours small (DDPM layout, width 64)", ours("small"), args.batch),

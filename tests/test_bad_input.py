@@ -124,6 +124,13 @@ CATALOGUE = [
     ("train.py", ["model.channel_mult=[1,0]"], ["error: model.channel_mult=[1, 0]"]),
     ("train.py", ["model.attention_resolutions=[5]"], ["error: model.attention_resolutions [5] are not feature-map"]),
     ("train.py", ["model.dropout=1.5"], ["error: model.dropout=1.5", "[0, 1)"]),
+    ("train.py", ["model=uvit_tiny", "model.patch_size=3"], ["error: model.patch_size=3 does not divide", "use one"]),
+    ("train.py", ["model=uvit_tiny", "model.num_heads=5"], ["error: model.width=88 is not a multiple of", "=80"]),
+    ("train.py", ["model=uvit_tiny", "model.num_blocks=6"], ["error: model.num_blocks=6 is even", "e.g. 7"]),
+    ("train.py", ["model=edm2_tiny", "model.res_balance=1.5"], ["error: model.res_balance=1.5", "[0, 1]"]),
+    ("train.py", ["model=edm2_tiny", "model.fourier_bandwidths=[1]"], ["error: model.fourier_bandwidths=[1]"]),
+    ("train.py", ["diffusion=edm", "diffusion.learned_weighting=maybe"], ["error: diffusion.learned_weighting="]),
+    ("train.py", ["optimizer.t_ref=0"], ["error: optimizer.t_ref=0", "70000"]),
     ("train.py", ["dataset.channels=2"], ["error: dataset.channels", "1 (grayscale) or 3 (RGB)"]),
     ("train.py", ["dataset.background=[1,2]"], ["error: dataset.background=[1, 2]", "RGB"]),
     (

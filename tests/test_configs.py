@@ -8,12 +8,15 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer
+from omegaconf import OmegaConf
 
 from diffusion.core.ema import ema_decay
 from diffusion.core.networks.unet import UNet
 from diffusion.core.objectives import DDPM, EDM, Objective
 from diffusion.core.schedules import make_betas
 from diffusion.data.datamodule import DiffusionDataModule
+from diffusion.models.building import build as build_network
+from diffusion.models.hparams import SPEED_SWITCHES
 from diffusion.training.module import DiffusionModule
 from tests.helpers import CONFIGS, compose_config
 from train import hyperparameters
@@ -28,10 +31,22 @@ def build(cfg):
     return DiffusionModule(**hparams), DiffusionDataModule(**hparams["dataset"])
 
 
+PAPER_SIZED = {"edm2_xs", "edm2_s"}  # 125M and 280M: built on the meta device, without memory or a real forward pass
+
+
 @pytest.mark.parametrize("option", [o for o in options("model") if o != "custom"])  # custom: tests/test_networks.py
 def test_model_options(option, tmp_path):
-    module, _ = build(compose_config("train", [f"model={option}", "dataset=cifar"], tmp_path))
-    assert module.model.network(torch.zeros(1, 3, 32, 32), torch.tensor([10.0]), None).shape == (1, 3, 32, 32)
+    config = compose_config("train", [f"model={option}", "dataset=cifar"], tmp_path)
+    if option in PAPER_SIZED:  # the network alone, as build_model builds it
+        settings = OmegaConf.to_container(config.model, resolve=True)
+        settings = {k: v for k, v in settings.items() if k not in SPEED_SWITCHES}
+        with torch.device("meta"):
+            network = build_network("model", settings, image_size=32, in_channels=3, out_channels=3)
+            out = network(torch.zeros(1, 3, 32, 32), torch.tensor([10.0]), None)
+    else:
+        module, _ = build(config)
+        out = module.model.network(torch.zeros(1, 3, 32, 32), torch.tensor([10.0]), None)
+    assert out.shape == (1, 3, 32, 32)
 
 
 @pytest.mark.parametrize("option", options("diffusion"))

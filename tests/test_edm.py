@@ -22,7 +22,7 @@ from tests.test_samplers import TOLERANCES, check_distribution, default_sampler
 from train import train
 
 D = 0.5  # sigma_data
-OBJECTIVE = EDM(p_mean=-0.4, p_std=1.0, sigma_data=D, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+OBJECTIVE = EDM(p_mean=-0.4, p_std=1.0, sigma_data=D, sigma_min=0.002, sigma_max=80.0, rho=7.0, learned_weighting=False)
 EDM_LEVELS = OBJECTIVE.levels
 LINEAR = schedule_levels("linear")
 COSINE = schedule_levels("cosine")

@@ -23,7 +23,15 @@ from tests.helpers import compose_config, load_state, resume_four_plus_four
 from tests.test_multiprocess import assert_same_training_state
 from tests.test_samplers import default_sampler
 
-SETTINGS = dict(t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0, t_min=0.001, t_max=0.999)
+SETTINGS = dict(
+    t_sampling="logit_normal",
+    logit_mean=0.0,
+    logit_std=1.0,
+    shift=1.0,
+    t_min=0.001,
+    t_max=0.999,
+    learned_weighting=False,
+)
 FLOW = Flow(**SETTINGS)
 
 

@@ -25,7 +25,9 @@ from tests.helpers import compose_config
 from tests.test_flow import SETTINGS, optimal_velocity
 from tests.test_old_checkpoints import OLD
 
-EDM_LEVELS = EDM(p_mean=-1.2, p_std=1.2, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0).levels
+EDM_LEVELS = EDM(
+    p_mean=-1.2, p_std=1.2, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0, learned_weighting=False
+).levels
 FLOW_LEVELS = Flow(**SETTINGS).levels
 
 

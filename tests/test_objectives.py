@@ -120,7 +120,9 @@ def test_a_continuous_objectives_grids_follow_their_spacings():
 
 DDPM_SETTINGS = dict(timesteps=1000, schedule="linear", target="eps", loss="mse", min_snr_gamma=None,
                      learned_variance=False, vlb_weight=0.001)  # fmt: skip
-EDM_SETTINGS = dict(p_mean=-0.4, p_std=1.0, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+EDM_SETTINGS = dict(
+    p_mean=-0.4, p_std=1.0, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0, learned_weighting=False
+)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +136,7 @@ EDM_SETTINGS = dict(p_mean=-0.4, p_std=1.0, sigma_data=0.5, sigma_min=0.002, sig
         (EDM, {"p_std": 0}, "diffusion.p_std=0 is not a number in (0, 10]"),
         (EDM, {"sigma_max": 0.001}, "diffusion.sigma_max=0.001 is not a number in (0.002, 10000]"),
         (EDM, {"p_mean": None}, "diffusion.p_mean=None and diffusion.p_std must be given"),
+        (EDM, {"learned_weighting": "yes"}, "diffusion.learned_weighting='yes' is not true or false"),
     ],
 )
 def test_each_objective_refuses_its_bad_settings(cls, bad, message):

@@ -1,5 +1,6 @@
 """The networks an objective trains: any ``nn.Module`` of the :class:`Network` interface, one module each
-(:mod:`.unet`: the DDPM / improved-DDPM UNet). ``configs/model/*.yaml`` names one as its ``_target_``.
+(:mod:`.unet`: the DDPM / improved-DDPM UNet; :mod:`.edm2`: EDM2's magnitude-preserving UNet; :mod:`.uvit`: U-ViT).
+``configs/model/*.yaml`` names one as its ``_target_``.
 
 Hydra builds the network from the ``model`` settings, less the speed switches that the model applies itself
 (``compile``, ``channels_last``, ``checkpointing``), and with three arguments that follow from the data and the
@@ -32,3 +33,28 @@ class Network(Protocol):
         objective's conditioning value (the timestep for the discrete objectives, ln(sigma) / 4 for EDM); labels:
         ``(B,)`` int64 or ``None``. Returns ``(B, out_channels, H, W)``."""
         ...
+
+
+def check_inputs(
+    name: str,
+    x: Tensor,
+    noise_conditioning: Tensor,
+    labels: Tensor | None,
+    shape: tuple[int, int, int],
+    *,
+    conditional: bool,
+) -> None:
+    """The checks of a network's call: images of ``shape`` = (C, H, W), one noise conditioning per image, and labels
+    exactly when the network is ``conditional``; a ``ValueError`` that says which, named after the network."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+        raise ValueError(f"the {name} expects images of shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    if noise_conditioning.shape != (x.shape[0],):
+        raise ValueError(
+            f"expected one noise level per image, shape ({x.shape[0]},), got {tuple(noise_conditioning.shape)}"
+        )
+    if (labels is None) == conditional:
+        raise ValueError(
+            f"this {name} is class-conditional and needs labels"
+            if labels is None
+            else f"this {name} is unconditional (model.num_classes is not set) and takes no labels"
+        )

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import checks
+from diffusion.core.networks import check_inputs
 from diffusion.core.networks.unet import valid_image_sizes_near
 from diffusion.errors import SettingError
 
@@ -345,17 +346,8 @@ class EDM2UNet(nn.Module):
     def forward(self, x: Tensor, noise_conditioning: Tensor, labels: Tensor | None = None) -> Tensor:
         """x: ``(B, C, H, W)``, at unit variance where the objective scales it so (EDM's c_in); noise_conditioning:
         ``(B,)``; labels: ``(B,)`` int64 for a conditional model. Returns ``(B, out_channels, H, W)``."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"the EDM2 UNet expects images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
-            )
-        if (labels is None) != (self.emb_label is None):
-            raise ValueError(
-                "this network is class-conditional and needs labels"
-                if labels is None
-                else "this network is unconditional (model.num_classes is not set) and takes no labels"
-            )
+        shape = (self.in_channels, self.image_size, self.image_size)
+        check_inputs("EDM2 UNet", x, noise_conditioning, labels, shape, conditional=self.emb_label is not None)
         emb = self.embedding(noise_conditioning, labels)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # a constant channel: the only "bias" of the network
         skips = []

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion import checks
+from diffusion.core.networks import check_inputs
 from diffusion.errors import SettingError
 
 
@@ -332,21 +333,8 @@ class UNet(nn.Module):
         """x: ``(B, C, H, W)``; noise_conditioning: ``(B,)``, the objective's value (a timestep, ln(sigma) / 4),
         embedded sinusoidally; labels: ``(B,)`` int64 for a conditional model (the value ``num_classes`` for "no
         label"). Returns ``(B, out_channels, H, W)``."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"the UNet expects images of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
-            )
-        if noise_conditioning.shape != (x.shape[0],):
-            raise ValueError(
-                f"expected one noise level per image, shape ({x.shape[0]},), got {tuple(noise_conditioning.shape)}"
-            )
-        if (labels is None) != (self.label_embed is None):
-            raise ValueError(
-                "this UNet is class-conditional and needs labels"
-                if labels is None
-                else "this UNet is unconditional (model.num_classes is not set) and takes no labels"
-            )
+        shape = (self.in_channels, self.image_size, self.image_size)
+        check_inputs("UNet", x, noise_conditioning, labels, shape, conditional=self.label_embed is not None)
         emb = self.time_embed(timestep_embedding(noise_conditioning, self.base_channels))  # (B, 4 ch)
         if self.label_embed is not None:
             emb = emb + self.label_embed(labels)
