@@ -38,13 +38,13 @@ def ours(preset: str, size: int = 32) -> torch.nn.Module:
     return preset_unet(preset, size, 3)
 
 
-# --networks: this project's networks, each group at about one compute per image (configs/model/*.yaml), the UNet first
-NETWORKS = {
-    32: [("tiny", "tiny"), ("edm2_tiny", "edm2_tiny"), ("uvit_tiny", "uvit_tiny"),
-         ("small", "small"), ("edm2_small", "edm2_small"), ("uvit_small", "uvit_small (U-ViT-S/2)")],
-    64: [("base", "base (improved-DDPM layout, width 96)"), ("edm2_xs", "edm2_xs (EDM2-XS)"),
-         ("edm2_s", "edm2_s (EDM2-S)")],
-}  # fmt: skip
+# --networks: this project's networks, in groups of about one compute per image (configs/model/*.yaml), the UNet first
+NETWORKS = [
+    (32, [("tiny", "tiny"), ("edm2_tiny", "edm2_tiny"), ("uvit_tiny", "uvit_tiny")]),
+    (32, [("small", "small"), ("edm2_small", "edm2_small"), ("uvit_small", "uvit_small (U-ViT-S/2)")]),
+    (64, [("base", "base (improved-DDPM layout, width 96)"), ("edm2_xs", "edm2_xs (EDM2-XS)"),
+          ("edm2_s", "edm2_s (EDM2-S)")]),
+]  # fmt: skip
 
 
 class Case:
@@ -103,9 +103,9 @@ def data_pipeline_overhead(case: Case, device: torch.device, rounds: int, per_ro
 
 def networks(args, device: torch.device, build, rounds: int, per_round: int) -> None:
     """The --networks tables: per group of about one compute per image, parameters, forward GFLOP per image, images
-    per second and the speed against the group's UNet (the first row), in interleaved rounds."""
+    per second and the speed against the group's UNet (its first row), each group in interleaved rounds."""
     rows = []
-    for size, presets in NETWORKS.items():
+    for size, presets in NETWORKS:
         if size == 64 and not args.large:
             continue
         batch = max(1, args.batch // 4) if size == 64 else args.batch

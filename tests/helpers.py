@@ -135,3 +135,13 @@ def resume_four_plus_four(overrides: list[str], root: Path) -> tuple[Path, Path]
     ckpt = stopped / "checkpoints" / "last.ckpt"
     train(compose_config("train", [*overrides, "trainer.max_steps=8", f"ckpt_path={ckpt}"], resumed))
     return straight, resumed
+
+
+def network_preset(cls: type, name: str, **overrides) -> torch.nn.Module:
+    """``cls`` built from configs/model/NAME.yaml as train.py builds it (unconditional, one channel, 16x16 unless
+    ``overrides`` say otherwise)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{name}.yaml"))
+    config.pop("_target_")
+    return cls(**{**config, "num_classes": None, "image_size": 16, "in_channels": 1, "out_channels": 1, **overrides})

@@ -6,22 +6,16 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from diffusion.core.networks.edm2 import EDM2UNet, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
 from diffusion.core.objectives import EDM
 from diffusion.core.objectives.weighting import LearnedWeighting, uncertainty_weighted
 from diffusion.errors import SettingError
-from tests.helpers import load_state, resume_four_plus_four, run_script
+from tests.helpers import load_state, network_preset, resume_four_plus_four, run_script
 
 
 def preset(name, **overrides):
-    """An EDM2 UNet of configs/model/NAME.yaml, as train.py builds it."""
-    config = OmegaConf.to_container(OmegaConf.load(f"configs/model/{name}.yaml"))
-    config.pop("_target_")
-    config.update(num_classes=None, image_size=16, in_channels=1, out_channels=1)
-    config.update(overrides)
-    return EDM2UNet(**config)
+    return network_preset(EDM2UNet, name, **overrides)
 
 
 def gen(seed=0):

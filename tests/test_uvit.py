@@ -3,19 +3,14 @@ and its settings checks."""
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from diffusion.core.networks.uvit import Block, UViT
 from diffusion.errors import SettingError
+from tests.helpers import network_preset
 
 
 def preset(name, **overrides):
-    """A U-ViT of configs/model/NAME.yaml, as train.py builds it."""
-    config = OmegaConf.to_container(OmegaConf.load(f"configs/model/{name}.yaml"))
-    config.pop("_target_")
-    config.update(num_classes=None, image_size=16, in_channels=1, out_channels=1)
-    config.update(overrides)
-    return UViT(**config)
+    return network_preset(UViT, name, **overrides)
 
 
 def test_uvit_small_is_the_papers_44m_network():

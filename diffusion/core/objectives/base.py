@@ -16,7 +16,8 @@ preconditioning wrapper and a loss class; here both halves are one object, since
 
 The network is any module called as ``network(x_in, noise_conditioning, labels)`` (:mod:`diffusion.core.networks`);
 the objective gives it ``noise_conditioning`` as a float32 ``(B,)`` tensor of its own scale. An objective is an
-``nn.Module`` so that tables it keeps as buffers (a discrete schedule's) move with the model; they are not saved.
+``nn.Module`` so that tables it keeps as buffers (a discrete schedule's) move with the model; they are not saved. A
+learned weighting's head is saved with the network (``objective.weighting.*`` in the model's ``state_dict``).
 """
 
 from __future__ import annotations
