@@ -65,3 +65,48 @@ def test_every_network_trains_in_bf16_mixed_precision(network):
     mixed.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     torch.testing.assert_close(mixed.detach(), full.detach(), rtol=0.05, atol=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("network", ["edm2_tiny", "uvit_tiny"])
+def test_the_new_networks_compile_and_train_as_they_do_eagerly(network):
+    """``model.compile=true``: a training step of the compiled network gives the eager loss and gradients, and,
+    for EDM2, its forced weight normalization (a no-grad copy into each stored weight, inside the compiled forward)
+    still rewrites the stored weights; in eval mode the outputs agree too. Two levels, one block each: the compile
+    time grows with the layers (~40 s each on 2 CPU cores). No dropout: compiled code draws other masks."""
+    layout = {"edm2_tiny": ["model.channel_mult=[1]", "model.dropout=0"], "uvit_tiny": ["model.num_blocks=3"]}[network]
+    models = []
+    for compiled in (False, True):
+        overrides = [f"model={network}", "model.num_classes=3", "dataset.image_size=8", f"model.compile={compiled}"]
+        settings = OmegaConf.to_container(compose_config("train", [*overrides, *layout], Path("unused")), resolve=True)
+        torch.manual_seed(0)
+        models.append(build_model(from_settings(settings)))
+    eager, compiled = models
+    for p in eager.parameters():  # weights away from unit norm: forced weight normalization has work to do
+        p.data.mul_(1.5)
+    compiled.load_state_dict(eager.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g)
+    level, labels = eager.objective.training_levels(4, x0.device, g), torch.tensor([0, 1, 2, 3])
+    losses = []
+    for model in models:
+        model.train()
+        terms = model.objective.losses(lambda x, c, m=model: m.network_output(x, c, labels), x0, level, noise)
+        terms["loss"].mean().backward()
+        losses.append(terms["loss"].detach())
+    assert "_compiled_network" in compiled.__dict__
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.data, p.data, rtol=1e-5, atol=1e-6, msg=name)  # the stored weights, rewritten
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    if network == "edm2_tiny":
+        weights = [p for n, p in compiled.network.named_parameters() if p.ndim > 1 and "emb_fourier" not in n]
+        norms = [w.flatten(1).norm(dim=1) / w[0].numel() ** 0.5 for w in weights]
+        assert all(torch.allclose(n, torch.ones_like(n), atol=1e-3) for n in norms)  # unit RMS (eps 1e-4)
+    with torch.no_grad():
+        for model in models:
+            model.eval()
+        c = torch.full((4,), 0.5)
+        torch.testing.assert_close(compiled.network_output(x0, c, labels), eager.network_output(x0, c, labels),
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip

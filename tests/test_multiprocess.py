@@ -119,6 +119,27 @@ def test_a_two_process_resume_continues_exactly(tmp_path, four_steps_on_two):
                 torch.testing.assert_close(q[key], value, rtol=1e-3, atol=1e-5)
 
 
+NEW_NETWORKS = {
+    "edm2": ["model=edm2_tiny", "model.channel_mult=[1,2]", "diffusion=edm", "diffusion.learned_weighting=true",
+             "optimizer=edm2", "model.num_classes=10"],
+    "uvit": ["model=uvit_tiny", "model.num_blocks=3", "model.checkpointing=true", "model.num_classes=10"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("network", sorted(NEW_NETWORKS))
+def test_the_new_networks_resume_exactly_on_two_processes(tmp_path, network):
+    """EDM2's network with its recipe (the learned weighting's head is a parameter DDP must reduce too, and forced
+    weight normalization rewrites the weights in the forward pass) and U-ViT with labels and checkpointing: 4 steps
+    straight on two processes, against the straight run's step-2 checkpoint resumed to 4."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_on(2, straight, "trainer.max_steps=4", *NEW_NETWORKS[network])
+    halfway = straight / "checkpoints" / "step_0000002.ckpt"
+    train_on(2, resumed, "trainer.max_steps=4", *NEW_NETWORKS[network], f"ckpt_path={halfway}")
+    a, b = load_state(straight / "checkpoints" / "last.ckpt"), load_state(resumed / "checkpoints" / "last.ckpt")
+    assert_same_training_state(a, b)
+    assert any(name.startswith("model.objective.weighting.") for name in a["state_dict"]) == (network == "edm2")
+
+
 def test_a_checkpoint_written_before_the_fix_still_resumes(tmp_path):
     """Checkpoints of two processes written before the fix hold rank 1's RNG state as a view at storage offset n;
     loading one restores the state (checked in a subprocess, since the bug was a segfault)."""
