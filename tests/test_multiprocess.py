@@ -130,13 +130,17 @@ NEW_NETWORKS = {
 def test_the_new_networks_resume_exactly_on_two_processes(tmp_path, network):
     """EDM2's network with its recipe (the learned weighting's head is a parameter DDP must reduce too, and forced
     weight normalization rewrites the weights in the forward pass) and U-ViT with labels and checkpointing: 4 steps
-    straight on two processes, against the straight run's step-2 checkpoint resumed to 4."""
+    straight on two processes, against the straight run's step-2 checkpoint resumed to 4, the EMA and the post-hoc
+    EMA's averages too."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_on(2, straight, "trainer.max_steps=4", *NEW_NETWORKS[network])
+    train_on(2, straight, "trainer.max_steps=4", POSTHOC, *NEW_NETWORKS[network])
     halfway = straight / "checkpoints" / "step_0000002.ckpt"
-    train_on(2, resumed, "trainer.max_steps=4", *NEW_NETWORKS[network], f"ckpt_path={halfway}")
+    train_on(2, resumed, "trainer.max_steps=4", POSTHOC, *NEW_NETWORKS[network], f"ckpt_path={halfway}")
     a, b = load_state(straight / "checkpoints" / "last.ckpt"), load_state(resumed / "checkpoints" / "last.ckpt")
     assert_same_training_state(a, b)
+    for x, y in zip(a["callbacks"]["PostHocEMA"]["averages"], b["callbacks"]["PostHocEMA"]["averages"], strict=True):
+        for name, value in x.items():  # the post-hoc EMA's tracked averages
+            torch.testing.assert_close(y[name], value, rtol=1e-5, atol=1e-6)
     assert any(name.startswith("model.objective.weighting.") for name in a["state_dict"]) == (network == "edm2")
 
 
