@@ -60,15 +60,25 @@ def classifier(
     cache: Path, data: tuple, device: torch.device, name: str = "fashion", epochs: int = 2
 ) -> tuple[Classifier, float]:
     """The classifier trained once (``epochs`` of Adam, seed 0) on ``data`` and cached as ``name``; returns it
-    with its test accuracy."""
+    with its test accuracy. Another machine or thread count trains another classifier from the same seed, and the
+    FIDs it gives differ (benchmarks/scorer_spread.py): compare figures scored with one cache only."""
     path = cache / f"{name}_classifier.pt"
     net = Classifier().to(device)
     if path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
         net.load_state_dict(saved["state_dict"])
         return net.eval(), float(saved["test_accuracy"])
+    net, accuracy = train_classifier(data, device, seed=0, epochs=epochs)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": net.state_dict(), "test_accuracy": accuracy}, path)
+    return net, accuracy
+
+
+def train_classifier(data: tuple, device: torch.device, seed: int, epochs: int = 2) -> tuple[Classifier, float]:
+    """A :class:`Classifier` trained for ``epochs`` of Adam from ``seed`` on ``data``, with its test accuracy."""
     train_x, train_y, test_x, test_y = data
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
+    net = Classifier().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     for epoch in range(epochs):
         order = torch.randperm(len(train_x))
@@ -81,10 +91,7 @@ def classifier(
             optimizer.step()
         print(f"classifier epoch {epoch + 1}: loss {loss.item():.3f}", flush=True)
     net.eval()
-    accuracy = float((predict(net, test_x, device) == test_y).float().mean())
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "test_accuracy": accuracy}, path)
-    return net, accuracy
+    return net, float((predict(net, test_x, device) == test_y).float().mean())
 
 
 @torch.inference_mode()
