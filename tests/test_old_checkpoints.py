@@ -59,7 +59,8 @@ def test_an_old_checkpoint_evaluates_the_likelihood_it_evaluated(old_runs, tmp_p
     ckpt = old_runs / "improved" / "checkpoints" / "last.ckpt"
     out = tmp_path / "nll"
     sample(compose_config("sample", [f"ckpt={ckpt}", "n=8", "eval=nll", "eval.batches=1", "batch_size=8"], out))
-    assert json.loads((out / "results.json").read_text())["nll_bpd"] == pytest.approx(7.866032898426056, abs=1e-9)
+    # 1e-9 on the AMD EPYC the figure was made on; an Intel Xeon with AVX-512 and AMX gave 7.866032302 (other kernels)
+    assert json.loads((out / "results.json").read_text())["nll_bpd"] == pytest.approx(7.866032898426056, rel=1e-6)
 
 
 @pytest.fixture
@@ -74,8 +75,10 @@ def two_threads():
 
 @pytest.mark.parametrize("name", ["ddpm", "v_prediction", "improved", "edm"])
 def test_an_old_checkpoint_resumes_into_the_run_it_would_have_been(old_runs, tmp_path, name, two_threads):
-    """The 6-step checkpoint resumed to 8 steps: the EMA weights that commit reached training 8 steps straight, bit
-    for bit (the same losses, random numbers, optimizer and EMA, under the new parameter names)."""
+    """The 6-step checkpoint resumed to 8 steps: the EMA weights that commit reached training 8 steps straight (the
+    same losses, random numbers, optimizer and EMA, under the new parameter names). Bit for bit on the machine type
+    the fixtures were made on; another CPU's kernels round differently (up to 1.2e-7 on an Intel Xeon with AVX-512 and
+    AMX), so the bound is 1e-6, where the two steps themselves move the weights by up to 1.4e-4."""
     extra = {"v_prediction": ["model.num_classes=10"], "edm": ["callbacks.posthoc_ema.every_n_images=256"]}
     overrides = ["debug=smoke", "model.base_channels=8", "model.channel_mult=[1]", "~callbacks.previews",
                  "trainer.max_steps=8", f"diffusion={name}", *extra.get(name, [])]  # fmt: skip
@@ -86,4 +89,5 @@ def test_an_old_checkpoint_resumes_into_the_run_it_would_have_been(old_runs, tmp
     assert resumed["global_step"] == 8
     assert set(resumed["state_dict"]) == {name.replace("unet.", "model.network.") for name in straight}
     for old_name, value in straight.items():
-        assert torch.equal(resumed["state_dict"][old_name.replace("unet.", "model.network.")], value), old_name
+        new_name = old_name.replace("unet.", "model.network.")
+        torch.testing.assert_close(resumed["state_dict"][new_name], value, rtol=0, atol=1e-6, msg=old_name)
