@@ -59,7 +59,7 @@ def test_an_old_checkpoint_evaluates_the_likelihood_it_evaluated(old_runs, tmp_p
     ckpt = old_runs / "improved" / "checkpoints" / "last.ckpt"
     out = tmp_path / "nll"
     sample(compose_config("sample", [f"ckpt={ckpt}", "n=8", "eval=nll", "eval.batches=1", "batch_size=8"], out))
-    # 1e-9 on the AMD EPYC the figure was made on; an Intel Xeon with AVX-512 and AMX gave 7.866032302 (other kernels)
+    # 1e-9 on the machine the figure was made on; an Intel Xeon with AVX-512 and AMX gave 7.866032302 (other kernels)
     assert json.loads((out / "results.json").read_text())["nll_bpd"] == pytest.approx(7.866032898426056, rel=1e-6)
 
 
