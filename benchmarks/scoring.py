@@ -63,9 +63,9 @@ def classifier(
     with its test accuracy. Another machine or thread count trains another classifier from the same seed, and the
     FIDs it gives differ (benchmarks/scorer_spread.py): compare figures scored with one cache only."""
     path = cache / f"{name}_classifier.pt"
-    net = Classifier().to(device)
     if path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
+        net = Classifier().to(device)
         net.load_state_dict(saved["state_dict"])
         return net.eval(), float(saved["test_accuracy"])
     net, accuracy = train_classifier(data, device, seed=0, epochs=epochs)
